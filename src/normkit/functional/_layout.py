@@ -1,0 +1,48 @@
+"""Canonical views of an ``(..., C, ...)`` tensor that make per-channel reductions contiguous.
+
+``rows``: an ``(M, C)`` matrix with the channels innermost (channels_last images, ``(N, C)`` batches, ``(N, L, C)``
+sequences with ``channel_dim=-1``). ``planes``: a ``(P, C, S)`` block whose last dimension is contiguous (NCHW and
+friends). Both are views when the input's strides allow it; anything else is copied once into ``planes``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Layout:
+    kind: str  # "rows" | "planes"
+    channel: int
+    shape: tuple[int, ...]
+
+    @property
+    def channels(self) -> int:
+        return self.shape[self.channel]
+
+    @property
+    def count(self) -> int:
+        """Values per channel."""
+        return math.prod(self.shape) // max(self.channels, 1)
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (shaped like the input, any strides) in this layout's canonical form; copies only if it must."""
+        if self.kind == "rows":
+            return t.movedim(self.channel, -1).contiguous().view(-1, self.channels)
+        before = math.prod(self.shape[: self.channel])
+        return t.contiguous().view(before, self.channels, -1)
+
+    def restore(self, canonical: torch.Tensor) -> torch.Tensor:
+        """Undo :meth:`view`: a tensor of the input's shape (channels_last stays channels_last)."""
+        if self.kind == "rows":
+            moved = [s for d, s in enumerate(self.shape) if d != self.channel] + [self.channels]
+            return canonical.view(moved).movedim(-1, self.channel)
+        return canonical.view(self.shape)
+
+
+def layout_of(x: torch.Tensor, channel: int) -> Layout:
+    kind = "rows" if x.movedim(channel, -1).is_contiguous() else "planes"
+    return Layout(kind, channel, tuple(x.shape))

@@ -1,0 +1,103 @@
+"""Drop-in ``BatchNorm1d/2d/3d``: the torch classes, with normkit's implementation and two extra options."""
+
+from __future__ import annotations
+
+import torch
+
+from ..functional import _checks, _stats
+from ..functional.batch_norm import batch_norm
+
+
+class _BatchNormMixin:
+    """What normkit adds to ``torch.nn.modules.batchnorm._BatchNorm``: options, validation order, the forward."""
+
+    def _init_options(self, running_var: str, nonfinite: str) -> None:
+        self.running_var_mode = _checks.choice("running_var", running_var, ("unbiased", "biased"))
+        self.nonfinite = _checks.choice("nonfinite", nonfinite, ("skip", "propagate", "raise"))
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("running_var_mode", "unbiased")
+        self.__dict__.setdefault("nonfinite", "skip")
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.running_var_mode != "unbiased":
+            text += f", running_var={self.running_var_mode!r}"
+        if self.nonfinite != "skip":
+            text += f", nonfinite={self.nonfinite!r}"
+        return text
+
+    def _ema_factor(self) -> float:
+        """The running-update factor of this call; ``momentum=None`` averages over every batch so far."""
+        if self.momentum is not None:
+            return self.momentum
+        if self._tracks_this_call():
+            return _stats.cumulative_factor(int(self.num_batches_tracked) + 1)
+        return 0.0
+
+    def _tracks_this_call(self) -> bool:
+        return self.training and self.track_running_stats and self.num_batches_tracked is not None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        uses_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        passes_buffers = not self.training or self.track_running_stats
+        output = batch_norm(
+            input,
+            self.running_mean if passes_buffers else None,
+            self.running_var if passes_buffers else None,
+            self.weight,
+            self.bias,
+            uses_batch_stats,
+            self._ema_factor(),
+            self.eps,
+            running_var_mode=self.running_var_mode,
+            nonfinite=self.nonfinite,
+        )
+        if self._tracks_this_call():  # only after a call that succeeded: a failed call changes nothing
+            self.num_batches_tracked.add_(1)
+        return output
+
+
+_OPTIONS_DOC = """
+
+    normkit adds two keyword-only options (everything else, including the state_dict, is torch's):
+
+    Args:
+        running_var: ``"unbiased"`` (default, torch) stores ``var * n / (n - 1)`` in ``running_var``;
+            ``"biased"`` stores the biased batch variance (Keras, Flax).
+        nonfinite: ``"skip"`` (default) leaves the running statistics of a channel whose batch statistics are
+            inf/NaN unchanged (no host synchronisation); ``"propagate"`` is torch's behaviour; ``"raise"`` raises
+            ``FloatingPointError`` and changes nothing.
+
+    Momentum follows torch: ``running = (1 - momentum) * running + momentum * batch``; ``momentum=None`` is a
+    cumulative average. A Keras momentum ``m`` is ``1 - m`` here (:func:`normkit.compat.momentum_from_keras`).
+"""
+
+
+def _make(torch_class: type, example_shape: str) -> type:
+    class BatchNorm(_BatchNormMixin, torch_class):
+        def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                     track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                     running_var: str = "unbiased", nonfinite: str = "skip") -> None:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+            self._init_options(running_var, nonfinite)
+
+    BatchNorm.__name__ = BatchNorm.__qualname__ = torch_class.__name__
+    BatchNorm.__module__ = __name__
+    BatchNorm.__doc__ = (
+        f"Drop-in for :class:`torch.nn.{torch_class.__name__}` (same arguments, defaults, repr, state_dict and "
+        f"errors) running :func:`normkit.functional.batch_norm`.\n\n    Examples::\n\n"
+        f"        >>> import torch, normkit\n        >>> bn = normkit.{torch_class.__name__}(4)\n"
+        f"        >>> bn(torch.randn({example_shape})).shape\n        torch.Size([{example_shape}])\n"
+        + _OPTIONS_DOC
+    )
+    return BatchNorm
+
+
+BatchNorm1d = _make(torch.nn.BatchNorm1d, "8, 4")
+BatchNorm2d = _make(torch.nn.BatchNorm2d, "8, 4, 5, 5")
+BatchNorm3d = _make(torch.nn.BatchNorm3d, "8, 4, 3, 3, 3")
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
