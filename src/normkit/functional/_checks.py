@@ -57,7 +57,7 @@ def channel_index(x: torch.Tensor, channel_dim: int, op: str) -> int:
 
 
 def values_per_channel(x: torch.Tensor, channel: int) -> int:
-    return math.prod(size for dim, size in enumerate(x.shape) if dim != channel)
+    return math.prod([size for dim, size in enumerate(x.shape) if dim != channel])
 
 
 def require_more_than_one_value_per_channel(x: torch.Tensor, channel: int) -> None:

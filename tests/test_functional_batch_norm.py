@@ -1,0 +1,196 @@
+"""normkit.functional.batch_norm: the numbers torch gives, every implementation of every pass, the options."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from helpers import assert_close
+
+import normkit.functional as F
+from normkit.functional import _dispatch, reference
+
+X = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
+
+
+def test_known_numbers_from_torch():
+    rm, rv = torch.zeros(1), torch.ones(1)
+    y = F.batch_norm(X, rm, rv, training=True)
+    assert_close(y.flatten(), torch.tensor([-1.341635, -0.447212, 0.447212, 1.341635]))
+    assert_close(rm, torch.tensor([0.25]))
+    assert_close(rv, torch.tensor([1.0666667]))
+    y = F.batch_norm(X, rm, rv)
+    assert_close(y.flatten(), torch.tensor([0.726181, 1.694422, 2.662664, 3.630905]))
+
+
+def test_momentum_one_stores_the_batch_statistics():
+    rm, rv = torch.zeros(1), torch.ones(1)
+    F.batch_norm(X, rm, rv, training=True, momentum=1.0)
+    assert_close(rm, torch.tensor([2.5]))
+    assert_close(rv, torch.tensor([5 / 3]))
+    F.batch_norm(X, rm, rv, training=True, momentum=1.0, running_var_mode="biased")
+    assert_close(rv, torch.tensor([1.25]))
+
+
+def test_momentum_zero_keeps_the_running_statistics():
+    rm, rv = torch.full((1,), 3.0), torch.full((1,), 2.0)
+    F.batch_norm(X, rm, rv, training=True, momentum=0.0)
+    assert rm.item() == 3.0 and rv.item() == 2.0
+
+
+def test_reduces_over_batch_and_length():
+    x = torch.arange(12.0).reshape(2, 2, 3)
+    rm, rv = torch.zeros(2), torch.ones(2)
+    F.batch_norm(x, rm, rv, training=True)
+    assert_close(rm, torch.tensor([0.4, 0.7]))
+    assert_close(rv, torch.tensor([2.06, 2.06]))
+
+
+def test_known_gradient():
+    x = X.clone().requires_grad_()
+    w, b = torch.ones(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+    F.batch_norm(x, None, None, w, b, training=True).backward(torch.tensor([[1.0], [0.0], [0.0], [0.0]]))
+    assert_close(x.grad.flatten(), torch.tensor([0.268330, -0.357768, -0.089443, 0.178882]))
+    assert_close(w.grad, torch.tensor([-1.341635]))
+    assert_close(b.grad, torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("shape,channel_dim", [((4, 6, 3), -1), ((3, 5, 2, 3), 2), ((2, 3, 4, 5), 3)])
+def test_channel_dim_equals_moving_the_channels(shape, channel_dim):
+    torch.manual_seed(0)
+    x = torch.randn(shape) * 3 + 1
+    channels = shape[channel_dim]
+    w, b = torch.rand(channels) + 0.5, torch.randn(channels)
+    rm1, rv1, rm2, rv2 = torch.zeros(channels), torch.ones(channels), torch.zeros(channels), torch.ones(channels)
+    y = F.batch_norm(x, rm1, rv1, w, b, training=True, channel_dim=channel_dim)
+    moved = F.batch_norm(x.movedim(channel_dim, 1), rm2, rv2, w, b, training=True).movedim(1, channel_dim)
+    assert_close(y, moved)
+    assert_close(rm1, rm2)
+    assert_close(rv1, rv2)
+    assert y.shape == x.shape
+
+
+def _all_plans():
+    choices = list(itertools.product(*[sorted(_dispatch.IMPLEMENTATIONS)] * len(_dispatch.CPU_PLAN)))
+    return [dict(zip(_dispatch.CPU_PLAN, combo, strict=True)) for combo in choices[:: max(1, len(choices) // 16)]]
+
+
+@pytest.mark.parametrize("kind,pass_name", list(_dispatch.CPU_PLAN))
+@pytest.mark.parametrize("impl", sorted(_dispatch.IMPLEMENTATIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_implementation_of_every_pass_matches_the_reference(kind, pass_name, impl, dtype, monkeypatch):
+    monkeypatch.setitem(_dispatch.CPU_PLAN, (kind, pass_name), impl)
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 6, dtype=dtype) * 2 + 7
+    if kind == "rows":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = (torch.rand(3, dtype=dtype) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=dtype).requires_grad_()
+    training = pass_name != "eval_forward"
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    outputs = []
+    for fn in (F.batch_norm, reference.batch_norm):
+        rm, rv = torch.full((3,), 6.0, dtype=dtype), torch.full((3,), 3.0, dtype=dtype)
+        xi = x.clone().requires_grad_()
+        y = fn(xi, rm, rv, w, b, training=training)
+        grads = torch.autograd.grad(y, (xi, w, b), torch.cos(torch.arange(y.numel(), dtype=dtype)).view_as(y))
+        outputs.append((y, *grads, rm, rv))
+    for name, mine, ref in zip(("y", "dx", "dw", "db", "rm", "rv"), *outputs, strict=True):
+        assert_close(mine, ref, atol=tol, rtol=tol, what=name)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_gradcheck_and_gradgradcheck_float64(training, affine, memory_format):
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 3, 2, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
+    w = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True) if affine else None
+    rm, rv = torch.randn(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.5
+    inputs = (x, w, b) if affine else (x,)
+
+    def fn(*args):
+        xi, wi, bi = (*args, None, None)[:3]
+        return F.batch_norm(xi, rm.clone(), rv.clone(), wi, bi, training=training)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("shift", [0.0, 1e2, 1e4])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_large_means_cost_no_precision(shift, memory_format):
+    torch.manual_seed(0)
+    x = (torch.randn(8, 4, 16, 16) + shift).contiguous(memory_format=memory_format)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    y = F.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    exact = x.double()
+    var, mean = torch.var_mean(exact, dim=(0, 2, 3), correction=1)
+    assert_close(rm.double(), mean, atol=1e-6, rtol=1e-6, what="mean")
+    assert_close(rv.double(), var, atol=0, rtol=1e-5, what="var")
+    expected = reference.batch_norm(exact, None, None, training=True)
+    assert_close(y.double(), expected, atol=2e-5 * max(1.0, shift / 100), rtol=0, what="output")
+
+
+def test_biased_running_var():
+    rm, rv = torch.zeros(1), torch.ones(1)
+    F.batch_norm(X, rm, rv, training=True, running_var_mode="biased")
+    assert_close(rv, torch.tensor([0.9 + 0.1 * 1.25]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_skip_keeps_the_poisoned_channel(bad):
+    x = torch.randn(6, 3)
+    x[2, 1] = bad
+    rm, rv = torch.zeros(3), torch.ones(3)
+    y = F.batch_norm(x, rm, rv, training=True)
+    assert rm[1].item() == 0.0 and rv[1].item() == 1.0
+    assert rm[0].item() != 0.0 and rm[2].item() != 0.0
+    assert torch.isfinite(y[:, 0]).all() and not torch.isfinite(y[:, 1]).all()
+
+
+def test_nonfinite_propagate_is_torchs_behaviour():
+    x = torch.randn(6, 3)
+    x[2, 1] = float("nan")
+    rm, rv = torch.zeros(3), torch.ones(3)
+    rm_t, rv_t = rm.clone(), rv.clone()
+    F.batch_norm(x, rm, rv, training=True, nonfinite="propagate")
+    torch.nn.functional.batch_norm(x, rm_t, rv_t, training=True)
+    torch.testing.assert_close(rm, rm_t, equal_nan=True)
+    torch.testing.assert_close(rv, rv_t, equal_nan=True)
+    assert rm[1].isnan()
+
+
+def test_nonfinite_raise_changes_nothing():
+    x = torch.randn(6, 3)
+    x[0, 2] = float("inf")
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(FloatingPointError, match=r"1 channel\(s\).*channels 2"):
+        F.batch_norm(x, rm, rv, training=True, nonfinite="raise")
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+def test_backend_selection(monkeypatch):
+    x = torch.randn(4, 3)
+    with pytest.raises(NotImplementedError, match="issue 8"):
+        F.batch_norm(x, None, None, training=True, backend="triton")
+    with pytest.raises(ValueError, match="unknown normkit backend 'cuda'"):
+        F.batch_norm(x, None, None, training=True, backend="cuda")
+    monkeypatch.setenv("NORMKIT_BACKEND", "reference")
+    y = F.batch_norm(x.requires_grad_(), None, None, training=True)
+    assert "BatchNormBackward" not in type(y.grad_fn).__name__
+    monkeypatch.setenv("NORMKIT_BACKEND", "cpu")
+    assert_close(F.batch_norm(x, None, None, training=True), y)
+
+
+def test_empty_batch_keeps_statistics_and_has_gradients():
+    rm, rv = torch.zeros(3), torch.ones(3)
+    x = torch.randn(0, 3, 4, requires_grad=True)
+    w = torch.ones(3, requires_grad=True)
+    y = F.batch_norm(x, rm, rv, w, None, training=True)
+    assert y.shape == (0, 3, 4)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
