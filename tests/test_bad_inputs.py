@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_unchanged, snapshot
 
 import normkit
 import normkit.functional as F
+
+from helpers import assert_unchanged, snapshot
 
 
 def _trained(module_class, channels=3):

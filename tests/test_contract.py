@@ -8,6 +8,7 @@ import pickle
 
 import pytest
 import torch
+
 from helpers import assert_close, assert_same_results, run_pair, snapshot
 from registry import MODULES
 

@@ -64,11 +64,6 @@ def normalize(xc, kind, mean, var, weight, bias, eps) -> torch.Tensor:
     return torch.addcmul(_per_channel(shift, kind), xc, _per_channel(scale, kind)).to(xc.dtype)
 
 
-def train_forward(xc, kind, weight, bias, eps):
-    mean, var = moments(xc, kind)
-    return normalize(xc, kind, mean, var, weight, bias, eps), mean, var
-
-
 def backward(dyc, xc, kind, weight, mean, var, eps, training, grad_affine):
     """Closed-form gradients; see :func:`normkit.functional.reference.batch_norm_backward` for the math."""
     acc = mean.dtype

@@ -15,16 +15,17 @@ import torch
 from . import _aten, _compose
 
 BACKENDS = ("reference", "cpu", "triton")
-PASSES = ("train_forward", "eval_forward", "backward")
 
-# Measured with `python benchmarks/bench_batchnorm.py --passes` on the 2-core CI machine; see BENCHMARKS.md.
+# Which implementation runs each pass on each canonical layout. "compose" is normkit's torch composition
+# (_compose), "aten" ATen's native kernel for that pass alone (_aten). Measured side by side with
+# `python benchmarks/bench_batchnorm.py --passes` on the 2-core CI machine; the numbers are in BENCHMARKS.md.
 CPU_PLAN: dict[tuple[str, str], str] = {
     ("planes", "train_forward"): "compose",
-    ("planes", "eval_forward"): "aten",
+    ("planes", "normalize"): "aten",
     ("planes", "backward"): "aten",
-    ("rows", "train_forward"): "compose",
-    ("rows", "eval_forward"): "compose",
-    ("rows", "backward"): "compose",
+    ("rows", "train_forward"): "aten",
+    ("rows", "normalize"): "compose",
+    ("rows", "backward"): "aten",
 }
 
 IMPLEMENTATIONS: dict[str, ModuleType] = {"compose": _compose, "aten": _aten}
@@ -46,8 +47,24 @@ def backend_for(x: torch.Tensor, requested: str | None = None) -> str:
     return name
 
 
-def pass_impl(kind: str, pass_name: str, plan: dict[tuple[str, str], str] | None = None):
-    """The function that runs ``pass_name`` on the canonical layout ``kind`` under ``plan`` (default CPU_PLAN)."""
-    choice = (plan or CPU_PLAN)[(kind, pass_name)]
-    module = IMPLEMENTATIONS[choice]
-    return getattr(module, "normalize" if pass_name == "eval_forward" else pass_name)
+def _impl(kind: str, pass_name: str) -> ModuleType:
+    return IMPLEMENTATIONS[CPU_PLAN[(kind, pass_name)]]
+
+
+def train_forward(xc, kind, weight, bias, eps):
+    """Batch statistics and the normalized output: ``(y, mean, biased var)`` on a canonical layout."""
+    impl = _impl(kind, "train_forward")
+    if impl is _aten:
+        return _aten.train_forward(xc, kind, weight, bias, eps)
+    mean, var = impl.moments(xc, kind)
+    return normalize(xc, kind, mean, var, weight, bias, eps), mean, var
+
+
+def normalize(xc, kind, mean, var, weight, bias, eps):
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` on a canonical layout."""
+    return _impl(kind, "normalize").normalize(xc, kind, mean, var, weight, bias, eps)
+
+
+def backward(dyc, xc, kind, weight, mean, var, eps, training, grad_affine):
+    """``(grad_input, grad_weight, grad_bias)`` on a canonical layout."""
+    return _impl(kind, "backward").backward(dyc, xc, kind, weight, mean, var, eps, training, grad_affine)

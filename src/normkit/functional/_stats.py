@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 
-
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics are accumulated in at least float32 whatever the input dtype."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -65,14 +64,13 @@ def update_running_stats(
     if count == 0:
         return
     stored_var = unbiased(var, count) if running_var_mode == "unbiased" else var
-    finite = torch.isfinite(mean) & torch.isfinite(var) if nonfinite == "skip" else None
+    finite = torch.isfinite(mean + var) if nonfinite == "skip" else None
     for running, batch in ((running_mean, mean), (running_var, stored_var)):
         if running is None:
             continue
-        moved = ema(running.to(batch.dtype), batch, momentum)
-        if finite is not None:
-            moved = torch.where(finite, moved, running.to(batch.dtype))
-        running.copy_(moved)
+        if finite is not None:  # a skipped channel moves towards itself: lerp(a, a, m) == a exactly
+            batch = torch.where(finite, batch, running)
+        running.lerp_(batch.to(running.dtype), momentum)
 
 
 def require_finite_statistics(mean: torch.Tensor, var: torch.Tensor) -> None:

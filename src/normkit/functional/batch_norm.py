@@ -98,11 +98,11 @@ class _BatchNorm(torch.autograd.Function):
     def forward(ctx, input, weight, bias, running_mean, running_var, training: bool, eps: float, layout: Layout):
         xc = layout.view(input)
         if training:
-            yc, mean, var = _dispatch.pass_impl(layout.kind, "train_forward")(xc, layout.kind, weight, bias, eps)
+            yc, mean, var = _dispatch.train_forward(xc, layout.kind, weight, bias, eps)
         else:
             acc = _stats.accumulation_dtype(input.dtype)
             mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
-            yc = _dispatch.pass_impl(layout.kind, "eval_forward")(xc, layout.kind, mean, var, weight, bias, eps)
+            yc = _dispatch.normalize(xc, layout.kind, mean, var, weight, bias, eps)
         ctx.save_for_backward(input, weight, mean, var)
         ctx.training, ctx.eps, ctx.layout = training, eps, layout
         ctx.mark_non_differentiable(mean, var)
@@ -119,9 +119,9 @@ class _BatchNorm(torch.autograd.Function):
             grad_input, grad_weight, grad_bias = reference.batch_norm_backward(
                 grad_output, input, weight, mean, torch.rsqrt(var + eps), training, layout.channel)
         else:
-            backward = _dispatch.pass_impl(layout.kind, "backward")
-            dxc, grad_weight, grad_bias = backward(layout.view(grad_output), layout.view(input), layout.kind,
-                                                   weight, mean, var, eps, training, grad_affine)
+            dxc, grad_weight, grad_bias = _dispatch.backward(layout.view(grad_output), layout.view(input),
+                                                             layout.kind, weight, mean, var, eps, training,
+                                                             grad_affine)
             grad_input = layout.restore(dxc)
         return (
             grad_input if ctx.needs_input_grad[0] else None,

@@ -1,0 +1,128 @@
+"""BatchNorm on CPU: normkit vs torch eager, side by side; and each pass's candidate implementations.
+
+    python benchmarks/bench_batchnorm.py            # end to end, markdown rows for BENCHMARKS.md
+    python benchmarks/bench_batchnorm.py --passes   # compose vs ATen per layout and pass (justifies CPU_PLAN)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import normkit
+from normkit.functional import _dispatch
+from normkit.functional._layout import layout_of
+
+from runner import machine, paired, today
+
+SHAPES = [
+    ((32, 64, 56, 56), "nchw"),
+    ((32, 64, 56, 56), "channels_last"),
+    ((32, 256, 14, 14), "nchw"),
+    ((32, 256, 14, 14), "channels_last"),
+    ((32, 512, 7, 7), "nchw"),
+    ((256, 1024), "-"),
+    ((8, 128, 32), "nlc"),
+]
+COMMAND = "python benchmarks/bench_batchnorm.py"
+
+
+def make_input(shape, layout, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=gen) * 2 + 1).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "nlc":  # (N, C, L) stored as (N, L, C): BatchNorm1d on a transformer-style sequence
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    return x
+
+
+def module_pair(channels, rank):
+    name = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}[rank]
+    ours, theirs = getattr(normkit, name)(channels), getattr(torch.nn, name)(channels)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def end_to_end(rounds):
+    rows = []
+    for shape, layout in SHAPES:
+        x = make_input(shape, layout)
+        ours, theirs = module_pair(shape[1], len(shape))
+        upstream = torch.randn_like(x)
+        for pass_name in ("train fwd", "train fwd+bwd", "eval fwd"):
+            train = pass_name != "eval fwd"
+            ours.train(train)
+            theirs.train(train)
+
+            backward = pass_name.endswith("bwd")
+
+            def call(module, backward=backward):
+                if not backward:
+                    with torch.no_grad():
+                        return module(x)
+                xi = x.detach().requires_grad_()
+                return torch.autograd.grad(module(xi), (xi, module.weight, module.bias), upstream)
+
+            result = paired(lambda m=theirs: call(m), lambda m=ours: call(m), rounds=rounds)
+            rows.append((pass_name, "x".join(map(str, shape)), layout, result))
+            print(f"  {pass_name:14s} {'x'.join(map(str, shape)):>14s} {layout:13s} torch {result.baseline_ms:7.2f} "
+                  f"ms  normkit {result.candidate_ms:7.2f} ms  {result.speedup:.2f}x", file=sys.stderr)
+    print("\n| op | shape | layout | dtype | torch ms | normkit ms | speed-up | machine | date | command |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for pass_name, shape, layout, r in rows:
+        print(f"| bn {pass_name} | {shape} | {layout} | fp32 | {r.baseline_ms:.2f} | {r.candidate_ms:.2f} | "
+              f"{r.speedup:.2f}x | {machine()} | {today()} | `{COMMAND}` |")
+
+
+def pass_candidates(rounds):
+    """For every layout and pass, time each implementation on the same canonical data (the CPU_PLAN evidence)."""
+    print("\n| layout kind | pass | shape | compose ms | aten ms | compose speed-up | plan | machine | date |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for shape, layout in SHAPES:
+        x = make_input(shape, layout)
+        canonical = layout_of(x, 1)
+        xc, kind, channels = canonical.view(x), canonical.kind, shape[1]
+        w, b = torch.rand(channels) + 0.5, torch.randn(channels)
+        mean, var = torch.randn(channels), torch.rand(channels) + 0.5
+        dy = torch.randn_like(xc)
+        calls = {
+            "train_forward": lambda: _dispatch.train_forward(xc, kind, w, b, 1e-5),
+            "normalize": lambda: _dispatch.normalize(xc, kind, mean, var, w, b, 1e-5),
+            "backward": lambda: _dispatch.backward(dy, xc, kind, w, mean, var, 1e-5, True, True),
+        }
+        for pass_name, call in calls.items():
+            chosen = _dispatch.CPU_PLAN[(kind, pass_name)]
+            r = paired(_with_plan(kind, pass_name, "aten", call), _with_plan(kind, pass_name, "compose", call),
+                       rounds=rounds)
+            print(f"| {kind} | {pass_name} | {'x'.join(map(str, shape))} ({layout}) | {r.candidate_ms:.2f} | "
+                  f"{r.baseline_ms:.2f} | {r.speedup:.2f}x | {chosen} | {machine()} | {today()} |")
+
+
+def _with_plan(kind, pass_name, impl, call):
+    def run():
+        saved = _dispatch.CPU_PLAN[(kind, pass_name)]
+        _dispatch.CPU_PLAN[(kind, pass_name)] = impl
+        try:
+            return call()
+        finally:
+            _dispatch.CPU_PLAN[(kind, pass_name)] = saved
+
+    return run
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--passes", action="store_true", help="compare each pass's candidate implementations")
+    parser.add_argument("--rounds", type=int, default=21, help="timed rounds per measurement (median reported)")
+    args = parser.parse_args(argv)
+    if args.passes:
+        pass_candidates(args.rounds)
+    else:
+        end_to_end(args.rounds)
+
+
+if __name__ == "__main__":
+    main()
