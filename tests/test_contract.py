@@ -129,6 +129,7 @@ def test_empty_batch_like_torch(case):
 
 # torch 2.13's dynamo instantiates autograd.Function internally and trips torch's own deprecation warning.
 @pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method. is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_of_a_model_using_it(backend):
     import normkit

@@ -308,7 +308,7 @@ def _as_per_channel(name: str, value, target: torch.Tensor, num_features: int) -
 
 def _describe(values: torch.Tensor, where: torch.Tensor) -> str:
     channels = where.nonzero().flatten().tolist()
-    shown = ", ".join(f"{values[c].item()} at channel {c}" for c in channels[:4])
+    shown = ", ".join(f"{values[c].item():.7g} at channel {c}" for c in channels[:4])
     return shown + (f" and {len(channels) - 4} more" if len(channels) > 4 else "")
 
 
