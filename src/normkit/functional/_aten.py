@@ -1,8 +1,9 @@
 """Batch-norm passes through ATen's native kernels, for the layouts where they measure fastest (BENCHMARKS.md).
 
-Only whole passes are delegated, never the semantics: running statistics, the stored variance, non-finite
-handling and validation stay normkit's. ATen's training forward is called on scratch buffers with momentum 1, so
-it hands back its (double-accumulated) batch mean and unbiased variance instead of moving any real buffer.
+Only whole passes are delegated, never the semantics: the stored variance, non-finite handling and validation
+stay normkit's. :func:`train_forward` calls ATen's training forward on scratch buffers with momentum 1, so it hands
+back the batch mean and unbiased variance without moving any real buffer; :func:`train_forward_in_place` lets ATen
+move the real buffers by torch's own rule (unbiased variance) and applies normkit's non-finite policy on top.
 """
 
 from __future__ import annotations
@@ -18,9 +19,33 @@ def train_forward(xc, kind, weight, bias, eps):
     param_dtype = weight.dtype if weight is not None else _stats.accumulation_dtype(xc.dtype)
     mean = torch.zeros(channels, dtype=param_dtype, device=xc.device)
     var = torch.zeros_like(mean)
-    y, _, _ = torch.ops.aten._native_batch_norm_legit(xc, weight, bias, mean, var, True, 1.0, eps)
-    var.mul_((count - 1) / count)
-    return y, mean, var
+    y, _, _ = torch.native_batch_norm(xc, weight, bias, mean, var, True, 1.0, eps)
+    return y, mean, var * ((count - 1) / count)  # out of place: autograd saved the scratch buffers
+
+
+def train_forward_in_place(xc, weight, bias, running_mean, running_var, momentum, eps, nonfinite):
+    """ATen's training forward moving ``running_mean``/``running_var`` itself (``running_var_mode="unbiased"``).
+
+    A channel whose updated statistics are not finite got them from a non-finite batch (or had them already):
+    ``nonfinite="skip"`` puts its old values back, ``"raise"`` puts every old value back and raises. On CPU the
+    check is one host read; elsewhere the restore runs unconditionally, without a synchronisation.
+    """
+    if running_mean is None or nonfinite == "propagate":
+        return torch.native_batch_norm(xc, weight, bias, running_mean, running_var, True,
+                                                       momentum, eps)[0]
+    old = torch.stack([running_mean, running_var])
+    y = torch.native_batch_norm(xc, weight, bias, running_mean, running_var, True, momentum,
+                                                eps)[0]
+    finite = torch.isfinite(running_mean + running_var)
+    if (xc.device.type == "cpu" or nonfinite == "raise") and bool(finite.all()):
+        return y
+    if nonfinite == "raise":
+        running_mean.copy_(old[0])
+        running_var.copy_(old[1])
+        _stats.require_finite_channels(finite)
+    running_mean.copy_(torch.where(finite, running_mean, old[0]))
+    running_var.copy_(torch.where(finite, running_var, old[1]))
+    return y
 
 
 def normalize(xc, kind, mean, var, weight, bias, eps):

@@ -47,6 +47,12 @@ def backend_for(x: torch.Tensor, requested: str | None = None) -> str:
     return name
 
 
+def aten_end_to_end(kind: str, training: bool) -> bool:
+    """Whether ATen's kernel runs both the forward and the backward of this call (then autograd needs no help)."""
+    forward = "train_forward" if training else "normalize"
+    return CPU_PLAN[(kind, forward)] == CPU_PLAN[(kind, "backward")] == "aten"
+
+
 def _impl(kind: str, pass_name: str) -> ModuleType:
     return IMPLEMENTATIONS[CPU_PLAN[(kind, pass_name)]]
 

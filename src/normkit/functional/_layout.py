@@ -28,21 +28,32 @@ class Layout:
         """Values per channel."""
         return math.prod(self.shape) // max(self.channels, 1)
 
+    @property
+    def channels_last(self) -> bool:
+        return self.channel == len(self.shape) - 1
+
     def view(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (shaped like the input, any strides) in this layout's canonical form; copies only if it must."""
         if self.kind == "rows":
-            return t.movedim(self.channel, -1).contiguous().view(-1, self.channels)
+            moved = t if self.channels_last else t.movedim(self.channel, -1)
+            return moved.contiguous().view(-1, self.channels)
         before = math.prod(self.shape[: self.channel])
         return t.contiguous().view(before, self.channels, -1)
 
     def restore(self, canonical: torch.Tensor) -> torch.Tensor:
         """Undo :meth:`view`: a tensor of the input's shape (channels_last stays channels_last)."""
-        if self.kind == "rows":
-            moved = [s for d, s in enumerate(self.shape) if d != self.channel] + [self.channels]
-            return canonical.view(moved).movedim(-1, self.channel)
-        return canonical.view(self.shape)
+        if self.kind == "planes" or self.channels_last:
+            return canonical.view(self.shape)
+        moved = [s for d, s in enumerate(self.shape) if d != self.channel] + [self.channels]
+        return canonical.view(moved).movedim(-1, self.channel)
 
 
 def layout_of(x: torch.Tensor, channel: int) -> Layout:
-    kind = "rows" if x.movedim(channel, -1).is_contiguous() else "planes"
+    """``rows`` when the channels are innermost in memory, else ``planes`` (a copy if ``x`` is not contiguous)."""
+    if channel == x.dim() - 1:
+        kind = "rows"
+    elif x.is_contiguous():
+        kind = "planes"
+    else:
+        kind = "rows" if x.movedim(channel, -1).is_contiguous() else "planes"
     return Layout(kind, channel, tuple(x.shape))

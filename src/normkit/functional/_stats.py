@@ -55,35 +55,40 @@ def update_running_stats(
     running_var_mode: str,
     nonfinite: str,
 ) -> None:
-    """Move the running statistics in place towards the batch's ``mean`` and biased ``var`` over ``count`` values.
+    """Move the running statistics (both tensors, or both None) in place towards the batch's ``mean`` and
+    biased ``var`` over ``count`` values.
 
     ``nonfinite="skip"`` keeps the old values of every channel whose batch statistics are not finite (no host
     synchronisation), ``"propagate"`` lets them through (torch's behaviour); ``"raise"`` must have been checked
     by the caller before anything changed.
     """
-    if count == 0:
+    if count == 0 or running_mean is None:
         return
     stored_var = unbiased(var, count) if running_var_mode == "unbiased" else var
-    finite = torch.isfinite(mean + var) if nonfinite == "skip" else None
-    for running, batch in ((running_mean, mean), (running_var, stored_var)):
-        if running is None:
-            continue
-        if finite is not None:  # a skipped channel moves towards itself: lerp(a, a, m) == a exactly
-            batch = torch.where(finite, batch, running)
-        running.lerp_(batch.to(running.dtype), momentum)
+    if nonfinite == "skip":  # a skipped channel moves towards itself: lerp(a, a, m) == a exactly
+        finite = torch.isfinite(mean + var)
+        mean = torch.where(finite, mean, running_mean)
+        stored_var = torch.where(finite, stored_var, running_var)
+    torch._foreach_lerp_([running_mean, running_var],
+                         [mean.to(running_mean.dtype), stored_var.to(running_var.dtype)], momentum)
 
 
 def require_finite_statistics(mean: torch.Tensor, var: torch.Tensor) -> None:
     """For ``nonfinite="raise"``: raise before anything changed if a channel's batch statistics are not finite."""
-    bad = ~(torch.isfinite(mean) & torch.isfinite(var))
-    if bool(bad.any()):
-        channels = bad.nonzero().flatten().tolist()
-        shown = ", ".join(map(str, channels[:8])) + (", ..." if len(channels) > 8 else "")
-        raise FloatingPointError(
-            f"batch_norm: the batch statistics of {len(channels)} channel(s) are not finite (channels {shown}); "
-            "the running statistics were left unchanged. Find the inf/NaN upstream (e.g. a diverging loss or an "
-            "fp16 overflow), or pass nonfinite='skip' to keep training while ignoring such batches."
-        )
+    require_finite_channels(torch.isfinite(mean) & torch.isfinite(var))
+
+
+def require_finite_channels(finite: torch.Tensor) -> None:
+    """Raise ``FloatingPointError`` naming the channels where ``finite`` is false; a host read."""
+    if bool(finite.all()):
+        return
+    channels = (~finite).nonzero().flatten().tolist()
+    shown = ", ".join(map(str, channels[:8])) + (", ..." if len(channels) > 8 else "")
+    raise FloatingPointError(
+        f"batch_norm: the batch statistics of {len(channels)} channel(s) are not finite (channels {shown}); "
+        "the running statistics were left unchanged. Find the inf/NaN upstream (e.g. a diverging loss or an "
+        "fp16 overflow), or pass nonfinite='skip' to keep training while ignoring such batches."
+    )
 
 
 __all__ = [
@@ -91,6 +96,7 @@ __all__ = [
     "cumulative_factor",
     "ema",
     "merge_moments",
+    "require_finite_channels",
     "require_finite_statistics",
     "unbiased",
     "update_running_stats",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _dispatch, _stats, reference
+from . import _aten, _dispatch, _stats, reference
 from ._layout import Layout, layout_of
 
 
@@ -71,7 +71,23 @@ def batch_norm(
     if input.numel() == 0:
         return _empty_output(input, weight, bias)
     layout = layout_of(input, channel)
-    output, mean, var = _BatchNorm.apply(input, weight, bias, running_mean, running_var, training, eps, layout)
+    if training and running_var_mode == "unbiased" and _dispatch.aten_end_to_end(layout.kind, True):
+        # ATen's kernels win both passes on this layout (BENCHMARKS.md) and its running update is torch's rule:
+        # call its differentiable op on the real buffers (its backward is ATen's own, double backward included).
+        yc = _aten.train_forward_in_place(layout.view(input), weight, bias, running_mean, running_var, momentum,
+                                          eps, nonfinite)
+        return layout.restore(yc)
+    if _dispatch.aten_end_to_end(layout.kind, training):
+        xc = layout.view(input)
+        if training:
+            yc, mean, var = _aten.train_forward(xc, layout.kind, weight, bias, eps)
+        else:
+            yc = _aten.normalize(xc, layout.kind, running_mean, running_var, weight, bias, eps)
+        output = layout.restore(yc)
+    elif _needs_grad(input, weight, bias):
+        output, mean, var = _BatchNorm.apply(input, weight, bias, running_mean, running_var, training, eps, layout)
+    else:
+        output, mean, var = _forward(input, weight, bias, running_mean, running_var, training, eps, layout)
     if training:
         if nonfinite == "raise":
             _stats.require_finite_statistics(mean, var)
@@ -79,6 +95,22 @@ def batch_norm(
             _stats.update_running_stats(running_mean, running_var, mean, var, layout.count, momentum,
                                         running_var_mode, nonfinite)
     return output
+
+
+def _needs_grad(input, weight, bias) -> bool:
+    return torch.is_grad_enabled() and (input.requires_grad or any(
+        t is not None and t.requires_grad for t in (weight, bias)))
+
+
+def _forward(input, weight, bias, running_mean, running_var, training, eps, layout):
+    """The forward passes without autograd: ``(output, mean, biased var)``."""
+    xc = layout.view(input)
+    if training:
+        yc, mean, var = _dispatch.train_forward(xc, layout.kind, weight, bias, eps)
+    else:
+        mean, var = running_mean, running_var
+        yc = _dispatch.normalize(xc, layout.kind, mean, var, weight, bias, eps)
+    return layout.restore(yc), mean, var
 
 
 def _empty_output(input, weight, bias):
@@ -96,17 +128,14 @@ class _BatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, training: bool, eps: float, layout: Layout):
-        xc = layout.view(input)
-        if training:
-            yc, mean, var = _dispatch.train_forward(xc, layout.kind, weight, bias, eps)
-        else:
+        if not training:  # saved for backward: later updates of the buffers must not change this gradient
             acc = _stats.accumulation_dtype(input.dtype)
-            mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
-            yc = _dispatch.normalize(xc, layout.kind, mean, var, weight, bias, eps)
+            running_mean, running_var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
+        output, mean, var = _forward(input, weight, bias, running_mean, running_var, training, eps, layout)
         ctx.save_for_backward(input, weight, mean, var)
         ctx.training, ctx.eps, ctx.layout = training, eps, layout
         ctx.mark_non_differentiable(mean, var)
-        return layout.restore(yc), mean, var
+        return output, mean, var
 
     @staticmethod
     def backward(ctx, grad_output, _grad_mean, _grad_var):
