@@ -7,6 +7,7 @@ machine hits both alike; the reported speed-up is the median of the per-round ra
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -31,18 +32,31 @@ def time_once(fn: Callable[[], object]) -> float:
 
 
 def paired(baseline: Callable[[], object], candidate: Callable[[], object], rounds: int = 15,
-           warmup: int = 3) -> Paired:
-    for _ in range(warmup):
-        baseline()
-        candidate()
+           warmup_s: float = 0.3, sample_ms: float = 2.0) -> Paired:
+    """Time ``baseline`` and ``candidate`` in alternating rounds; each sample repeats a call until it lasts about
+    ``sample_ms`` (short calls are otherwise dominated by timer and scheduler noise)."""
+    single = []
+    for fn in (baseline, candidate):
+        start = time.perf_counter()
+        while time.perf_counter() - start < warmup_s:
+            single.append(time_once(fn))
+    repeats = max(1, math.ceil(sample_ms / max(statistics.median(single), 1e-3)))
     base, cand, ratios = [], [], []
     for i in range(rounds):
         order = (baseline, candidate) if i % 2 == 0 else (candidate, baseline)
-        times = {fn: time_once(fn) for fn in order}
+        times = {fn: time_repeated(fn, repeats) for fn in order}
         base.append(times[baseline])
         cand.append(times[candidate])
         ratios.append(times[baseline] / times[candidate])
     return Paired(statistics.median(base), statistics.median(cand), statistics.median(ratios))
+
+
+def time_repeated(fn: Callable[[], object], repeats: int) -> float:
+    """Milliseconds per call, averaged over ``repeats`` back-to-back calls."""
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) * 1e3 / repeats
 
 
 def machine() -> str:

@@ -78,7 +78,8 @@ def test_every_implementation_of_every_pass_matches_the_reference(kind, pass_nam
                                                                    monkeypatch):
     monkeypatch.setitem(_dispatch.CPU_PLAN, (kind, pass_name), impl)
     torch.manual_seed(0)
-    x = torch.randn(4, 3, 5, 6, dtype=dtype) * 2 + 7
+    shape = (2, 3, 8, _dispatch.SHORT_PLANE // 8) if kind == "planes" else (4, 3, 5, 6)
+    x = torch.randn(shape, dtype=dtype) * 2 + 7
     if kind == "rows":
         x = x.contiguous(memory_format=torch.channels_last)
     w = (torch.rand(3, dtype=dtype) + 0.5).requires_grad_()
@@ -194,3 +195,21 @@ def test_empty_batch_keeps_statistics_and_has_gradients():
     y.sum().backward()
     assert x.grad.shape == x.shape
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+@pytest.mark.parametrize("shape,memory_format", [
+    ((2, 3, 16, 16), torch.contiguous_format),  # planes: normkit's statistics
+    ((2, 3, 4, 4), torch.contiguous_format),  # short planes: ATen moves the buffers, normkit restores
+    ((2, 3, 4, 4), torch.channels_last),  # rows: likewise
+])
+def test_a_skipped_nonfinite_batch_still_backpropagates(shape, memory_format):
+    x = torch.randn(shape).contiguous(memory_format=memory_format)
+    x[0, 1, 0, 0] = float("inf")
+    x.requires_grad_()
+    w, b = torch.ones(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    y = F.batch_norm(x, rm, rv, w, b, training=True)
+    y[:, 0].sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad[:, 0]).all()
+    assert rm[1].item() == 0.0 and rv[1].item() == 1.0
+    assert rm[0].item() != 0.0

@@ -7,22 +7,30 @@ BENCHMARKS.md), ``"triton"`` (GPU kernels; not built yet). ``NORMKIT_BACKEND`` f
 
 from __future__ import annotations
 
+import math
 import os
 from types import ModuleType
 
 import torch
 
 from . import _aten, _compose
+from ._layout import Layout
 
 BACKENDS = ("reference", "cpu", "triton")
 
 # Which implementation runs each pass on each canonical layout. "compose" is normkit's torch composition
 # (_compose), "aten" ATen's native kernel for that pass alone (_aten). Measured side by side with
 # `python benchmarks/bench_batchnorm.py --passes` on the 2-core CI machine; the numbers are in BENCHMARKS.md.
+# "short_planes" are planes of fewer than SHORT_PLANE values (e.g. 7x7 maps), where the composition's per-call cost
+# outweighs what it saves over ATen's per-channel loop.
+SHORT_PLANE = 128
 CPU_PLAN: dict[tuple[str, str], str] = {
     ("planes", "train_forward"): "compose",
     ("planes", "normalize"): "aten",
     ("planes", "backward"): "aten",
+    ("short_planes", "train_forward"): "aten",
+    ("short_planes", "normalize"): "aten",
+    ("short_planes", "backward"): "aten",
     ("rows", "train_forward"): "aten",
     ("rows", "normalize"): "compose",
     ("rows", "backward"): "aten",
@@ -47,19 +55,31 @@ def backend_for(x: torch.Tensor, requested: str | None = None) -> str:
     return name
 
 
-def aten_end_to_end(kind: str, training: bool) -> bool:
+def plan_kind(kind: str, plane_size: int) -> str:
+    """The CPU_PLAN row of a canonical layout: its memory kind, with short planes apart."""
+    return "short_planes" if kind == "planes" and plane_size < SHORT_PLANE else kind
+
+
+def aten_end_to_end(layout: Layout, training: bool) -> bool:
     """Whether ATen's kernel runs both the forward and the backward of this call (then autograd needs no help)."""
+    kind = plan_kind(layout.kind, math.prod(layout.shape[layout.channel + 1:]))
     forward = "train_forward" if training else "normalize"
     return CPU_PLAN[(kind, forward)] == CPU_PLAN[(kind, "backward")] == "aten"
 
 
-def _impl(kind: str, pass_name: str) -> ModuleType:
-    return IMPLEMENTATIONS[CPU_PLAN[(kind, pass_name)]]
+def aten_in_place(x: torch.Tensor, layout: Layout) -> bool:
+    """Whether ATen may also move the running statistics of this training call (torch's rule, unbiased variance):
+    when it wins both passes, on CPU (its non-finite check is a host read) and outside ``torch.compile``."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and aten_end_to_end(layout, True)
+
+
+def _impl(xc: torch.Tensor, kind: str, pass_name: str) -> ModuleType:
+    return IMPLEMENTATIONS[CPU_PLAN[(plan_kind(kind, xc.shape[-1]), pass_name)]]
 
 
 def train_forward(xc, kind, weight, bias, eps):
     """Batch statistics and the normalized output: ``(y, mean, biased var)`` on a canonical layout."""
-    impl = _impl(kind, "train_forward")
+    impl = _impl(xc, kind, "train_forward")
     if impl is _aten:
         return _aten.train_forward(xc, kind, weight, bias, eps)
     mean, var = impl.moments(xc, kind)
@@ -68,9 +88,9 @@ def train_forward(xc, kind, weight, bias, eps):
 
 def normalize(xc, kind, mean, var, weight, bias, eps):
     """``(x - mean) / sqrt(var + eps) * weight + bias`` on a canonical layout."""
-    return _impl(kind, "normalize").normalize(xc, kind, mean, var, weight, bias, eps)
+    return _impl(xc, kind, "normalize").normalize(xc, kind, mean, var, weight, bias, eps)
 
 
 def backward(dyc, xc, kind, weight, mean, var, eps, training, grad_affine):
     """``(grad_input, grad_weight, grad_bias)`` on a canonical layout."""
-    return _impl(kind, "backward").backward(dyc, xc, kind, weight, mean, var, eps, training, grad_affine)
+    return _impl(xc, kind, "backward").backward(dyc, xc, kind, weight, mean, var, eps, training, grad_affine)

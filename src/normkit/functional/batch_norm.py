@@ -71,19 +71,19 @@ def batch_norm(
     if input.numel() == 0:
         return _empty_output(input, weight, bias)
     layout = layout_of(input, channel)
-    if training and running_var_mode == "unbiased" and _dispatch.aten_end_to_end(layout.kind, True):
+    if training and running_var_mode == "unbiased" and _dispatch.aten_in_place(input, layout):
         # ATen's kernels win both passes on this layout (BENCHMARKS.md) and its running update is torch's rule:
         # call its differentiable op on the real buffers (its backward is ATen's own, double backward included).
-        yc = _aten.train_forward_in_place(layout.view(input), weight, bias, running_mean, running_var, momentum,
-                                          eps, nonfinite)
-        return layout.restore(yc)
-    if _dispatch.aten_end_to_end(layout.kind, training):
-        xc = layout.view(input)
+        xn = _aten.native_view(input, layout)
+        yn = _aten.train_forward_in_place(xn, weight, bias, running_mean, running_var, momentum, eps, nonfinite)
+        return _aten.native_restore(yn, input, layout)
+    if _dispatch.aten_end_to_end(layout, training):
+        xn = _aten.native_view(input, layout)
         if training:
-            yc, mean, var = _aten.train_forward(xc, layout.kind, weight, bias, eps)
+            yn, mean, var = _aten.train_forward(xn, layout.kind, weight, bias, eps)
         else:
-            yc = _aten.normalize(xc, layout.kind, running_mean, running_var, weight, bias, eps)
-        output = layout.restore(yc)
+            yn = _aten.normalize(xn, layout.kind, running_mean, running_var, weight, bias, eps)
+        output = _aten.native_restore(yn, input, layout)
     elif _needs_grad(input, weight, bias):
         output, mean, var = _BatchNorm.apply(input, weight, bias, running_mean, running_var, training, eps, layout)
     else:
