@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 
 import torch
@@ -46,35 +47,40 @@ def module_pair(channels, rank):
     return ours, theirs
 
 
-def end_to_end(rounds):
-    rows = []
-    for shape, layout in SHAPES:
-        x = make_input(shape, layout)
-        ours, theirs = module_pair(shape[1], len(shape))
-        upstream = torch.randn_like(x)
-        for pass_name in ("train fwd", "train fwd+bwd", "eval fwd"):
-            train = pass_name != "eval fwd"
-            ours.train(train)
-            theirs.train(train)
+def end_to_end(rounds, repeat):
+    """Every shape and pass, ``repeat`` times over; the table reports medians over the repeats and their range."""
+    results: dict[tuple[str, str, str], list] = {}
+    for attempt in range(repeat):
+        for shape, layout in SHAPES:
+            x = make_input(shape, layout)
+            ours, theirs = module_pair(shape[1], len(shape))
+            upstream = torch.randn_like(x)
+            for pass_name in ("train fwd", "train fwd+bwd", "eval fwd"):
+                train = pass_name != "eval fwd"
+                ours.train(train)
+                theirs.train(train)
+                backward = pass_name.endswith("bwd")
 
-            backward = pass_name.endswith("bwd")
+                def call(module, backward=backward):
+                    if not backward:
+                        with torch.no_grad():
+                            return module(x)
+                    xi = x.detach().requires_grad_()
+                    return torch.autograd.grad(module(xi), (xi, module.weight, module.bias), upstream)
 
-            def call(module, backward=backward):
-                if not backward:
-                    with torch.no_grad():
-                        return module(x)
-                xi = x.detach().requires_grad_()
-                return torch.autograd.grad(module(xi), (xi, module.weight, module.bias), upstream)
-
-            result = paired(lambda m=theirs: call(m), lambda m=ours: call(m), rounds=rounds)
-            rows.append((pass_name, "x".join(map(str, shape)), layout, result))
-            print(f"  {pass_name:14s} {'x'.join(map(str, shape)):>14s} {layout:13s} torch {result.baseline_ms:7.2f} "
-                  f"ms  normkit {result.candidate_ms:7.2f} ms  {result.speedup:.2f}x", file=sys.stderr)
-    print("\n| op | shape | layout | dtype | torch ms | normkit ms | speed-up | machine | date | command |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for pass_name, shape, layout, r in rows:
-        print(f"| bn {pass_name} | {shape} | {layout} | fp32 | {r.baseline_ms:.2f} | {r.candidate_ms:.2f} | "
-              f"{r.speedup:.2f}x | {machine()} | {today()} | `{COMMAND}` |")
+                r = paired(lambda m=theirs: call(m), lambda m=ours: call(m), rounds=rounds)
+                key = (pass_name, "x".join(map(str, shape)), layout)
+                results.setdefault(key, []).append(r)
+                print(f"  [{attempt + 1}/{repeat}] {pass_name:14s} {key[1]:>14s} {layout:13s} torch "
+                      f"{r.baseline_ms:7.2f} ms  normkit {r.candidate_ms:7.2f} ms  {r.speedup:.2f}x", file=sys.stderr)
+    print("\n| op | shape | layout | dtype | torch ms | normkit ms | speed-up | range over runs | machine | date | "
+          "command |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (pass_name, shape, layout), runs in results.items():
+        speedups = sorted(r.speedup for r in runs)
+        print(f"| bn {pass_name} | {shape} | {layout} | fp32 | {statistics.median(r.baseline_ms for r in runs):.2f} | "
+              f"{statistics.median(r.candidate_ms for r in runs):.2f} | {statistics.median(speedups):.2f}x | "
+              f"{speedups[0]:.2f}-{speedups[-1]:.2f}x | {machine()} | {today()} | `{COMMAND} --repeat {repeat}` |")
 
 
 def pass_candidates(rounds):
@@ -117,11 +123,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--passes", action="store_true", help="compare each pass's candidate implementations")
     parser.add_argument("--rounds", type=int, default=21, help="timed rounds per measurement (median reported)")
+    parser.add_argument("--repeat", type=int, default=3, help="times the whole end-to-end suite runs")
     args = parser.parse_args(argv)
     if args.passes:
         pass_candidates(args.rounds)
     else:
-        end_to_end(args.rounds)
+        end_to_end(args.rounds, args.repeat)
 
 
 if __name__ == "__main__":

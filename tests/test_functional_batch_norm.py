@@ -213,3 +213,17 @@ def test_a_skipped_nonfinite_batch_still_backpropagates(shape, memory_format):
     assert x.grad is not None and torch.isfinite(x.grad[:, 0]).all()
     assert rm[1].item() == 0.0 and rv[1].item() == 1.0
     assert rm[0].item() != 0.0
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_moments_block_by_block_equal_the_reference(memory_format, monkeypatch):
+    from normkit.functional import _compose
+    from normkit.functional._layout import layout_of
+
+    monkeypatch.setattr(_compose, "BLOCK_BYTES", 1000)  # many blocks, and a last one that is shorter
+    x = (torch.randn(7, 5, 6, 6) * 3 + 40).contiguous(memory_format=memory_format)
+    layout = layout_of(x, 1)
+    mean, var = _compose.moments(layout.view(x), layout.kind)
+    expected_mean, expected_var = reference.batch_moments(x.double(), 1)
+    assert_close(mean.double(), expected_mean, atol=1e-5, rtol=1e-6, what="mean")
+    assert_close(var.double(), expected_var, atol=1e-6, rtol=1e-5, what="var")

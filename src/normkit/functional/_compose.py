@@ -38,20 +38,30 @@ def _count(xc: torch.Tensor, kind: str) -> int:
     return xc.shape[0] * xc.shape[2] if kind == "planes" else xc.shape[0]
 
 
+# Centred copies are made a block of this many bytes at a time: a temporary of the input's size would come from
+# fresh pages (glibc hands such blocks back to the OS), and page faults would cost more than the arithmetic.
+BLOCK_BYTES = 4 << 20
+
+
 def moments(xc: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance, in at least float32 (corrected two-pass)."""
     acc = _stats.accumulation_dtype(xc.dtype)
     count = _count(xc, kind)
     shift = _sum(xc, kind, dtype=acc) / count
-    centred = xc - _per_channel(shift, kind)  # type promotion gives `acc`
-    correction = _sum(centred, kind) / count
-    var = (_sum_of_squares_(centred, kind) / count - correction * correction).clamp_min(0)
+    centred_sum = torch.zeros_like(shift)
+    squares_sum = torch.zeros_like(shift)
+    step = max(1, BLOCK_BYTES // max(1, xc[:1].numel() * torch.finfo(acc).bits // 8))
+    for start in range(0, xc.shape[0], step):
+        centred = xc[start:start + step] - _per_channel(shift, kind)  # type promotion gives `acc`
+        centred_sum += _sum(centred, kind)
+        squares_sum += _sum_of_squares_(centred, kind)
+    correction = centred_sum / count
+    var = (squares_sum / count - correction * correction).clamp_min(0)
     return shift + correction, var
 
 
 def _sum_of_squares_(t: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-channel sum of ``t * t``; may overwrite ``t`` (rows square in place: one large temporary at a time is
-    much faster with glibc's allocator than two)."""
+    """Per-channel sum of ``t * t``; may overwrite ``t``."""
     return _dot(t, t, kind) if kind == "planes" else t.square_().sum(0)
 
 
