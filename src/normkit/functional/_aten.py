@@ -8,6 +8,8 @@ move the real buffers by torch's own rule (unbiased variance) and applies normki
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _stats
@@ -51,9 +53,9 @@ def train_forward_in_place(xc, weight, bias, running_mean, running_var, momentum
     old = torch.stack([running_mean, running_var])
     y = torch.native_batch_norm(xc, weight, bias, running_mean, running_var, True, momentum,
                                                 eps)[0]
-    finite = torch.isfinite(running_mean + running_var)
-    if bool(finite.all()):
+    if math.isfinite(torch.dot(running_mean, running_var).item()):  # any inf/NaN (or an overflow) makes it so
         return y
+    finite = torch.isfinite(running_mean + running_var)
     # .data: ATen's autograd node saved the buffers (unused in training); restoring them must not bump their
     # version and break this call's backward.
     running_mean.data.copy_(torch.where(finite, running_mean, old[0]) if nonfinite == "skip" else old[0])

@@ -117,21 +117,37 @@ def batch_norm_backward(
     return grad_input.to(input.dtype), grad_weight, grad_bias
 
 
+_RUNNING_VAR_MODES = ("unbiased", "biased")
+_NONFINITE_POLICIES = ("skip", "propagate", "raise")
+
+
 def validate_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                         running_var_mode, channel_dim, nonfinite) -> int:
-    """Every check of a batch-norm call, before anything is computed or changed; returns the channel index."""
-    _checks.require_floating(input, "batch_norm")
-    channel = _checks.channel_index(input, channel_dim, "batch_norm")
-    _checks.choice("running_var_mode", running_var_mode, ("unbiased", "biased"))
-    _checks.choice("nonfinite", nonfinite, ("skip", "propagate", "raise"))
-    _checks.require_eps(eps, training)
-    _checks.require_momentum(momentum)
-    channels = input.shape[channel]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
-                    ("bias", bias)):
-        _checks.require_per_channel(name, t, channels, input)
-    _checks.require_compatible_dtypes(input, weight=weight, bias=bias, running_mean=running_mean,
-                                      running_var=running_var)
+    """Every check of a batch-norm call, before anything is computed or changed; returns the channel index.
+
+    Written for the common case first (it runs on every call): each test is one comparison, and only a failing
+    one calls the helper that builds the message.
+    """
+    if not isinstance(input, torch.Tensor) or not input.is_floating_point():
+        _checks.require_floating(input, "batch_norm")
+    channel = 1 if channel_dim == 1 and input.dim() >= 2 else _checks.channel_index(input, channel_dim, "batch_norm")
+    if running_var_mode not in _RUNNING_VAR_MODES:
+        _checks.choice("running_var_mode", running_var_mode, _RUNNING_VAR_MODES)
+    if nonfinite not in _NONFINITE_POLICIES:
+        _checks.choice("nonfinite", nonfinite, _NONFINITE_POLICIES)
+    if not (eps > 0 if training else eps >= 0):
+        _checks.require_eps(eps, training)
+    if type(momentum) is not float or not 0.0 <= momentum <= 1.0:
+        _checks.require_momentum(momentum)
+    channels, device = input.shape[channel], input.device
+    given = [t for t in (running_mean, running_var, weight, bias) if t is not None]
+    if any(not isinstance(t, torch.Tensor) or t.numel() != channels or t.device != device for t in given):
+        for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                        ("bias", bias)):
+            _checks.require_per_channel(name, t, channels, input)
+    if given and not _dtypes_fit(input.dtype, given):
+        _checks.require_compatible_dtypes(input, weight=weight, bias=bias, running_mean=running_mean,
+                                          running_var=running_var)
     if (running_mean is None) != (running_var is None):
         raise ValueError(
             "batch_norm: running_mean and running_var must both be tensors or both be None, got "
@@ -146,3 +162,10 @@ def validate_batch_norm(input, running_mean, running_var, weight, bias, training
     if training:
         _checks.require_more_than_one_value_per_channel(input, channel)
     return channel
+
+
+def _dtypes_fit(input_dtype: torch.dtype, tensors: list[torch.Tensor]) -> bool:
+    dtype = tensors[0].dtype
+    if any(t.dtype != dtype for t in tensors):
+        return False
+    return dtype == input_dtype or (dtype == torch.float32 and input_dtype in _checks.LOW_PRECISION)
