@@ -227,3 +227,19 @@ def test_moments_block_by_block_equal_the_reference(memory_format, monkeypatch):
     expected_mean, expected_var = reference.batch_moments(x.double(), 1)
     assert_close(mean.double(), expected_mean, atol=1e-5, rtol=1e-6, what="mean")
     assert_close(var.double(), expected_var, atol=1e-6, rtol=1e-5, what="var")
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_moments_when_the_first_sample_is_far_from_the_rest(memory_format):
+    from normkit.functional import _compose
+    from normkit.functional._layout import layout_of
+
+    torch.manual_seed(0)
+    x = torch.randn(4000, 3, 2, 4)
+    x[0] += 1e4  # the first sample's mean (the default shift) lies ~60 std away: the shift must be redone
+    x = x.contiguous(memory_format=memory_format)
+    layout = layout_of(x, 1)
+    mean, var = _compose.moments(layout.view(x), layout.kind)
+    expected_mean, expected_var = reference.batch_moments(x.double(), 1)
+    assert_close(mean.double(), expected_mean, atol=1e-5, rtol=1e-6, what="mean")
+    assert_close(var.double(), expected_var, atol=0, rtol=1e-5, what="var")

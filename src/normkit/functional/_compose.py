@@ -43,11 +43,29 @@ def _count(xc: torch.Tensor, kind: str) -> int:
 BLOCK_BYTES = 4 << 20
 
 
+# The corrected two-pass formula loses about (mean - shift)^2 / var ulps; past this ratio the shift is redone.
+SHIFT_TOLERANCE = 1e3
+
+
 def moments(xc: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance, in at least float32 (corrected two-pass)."""
+    """Per-channel mean and biased variance, in at least float32.
+
+    Corrected two-pass with a shift ``K`` per channel: ``mean = K + sum(x - K) / n`` and
+    ``var = sum((x - K)^2) / n - (mean - K)^2``, exact to rounding when ``K`` is near the mean. ``K`` is the first
+    sample's mean (a 1/N read); if it lands too far from the batch mean (``(mean - K)^2 > 1e3 var``, a host
+    check, free on CPU), a second round runs with ``K`` = that mean.
+    """
     acc = _stats.accumulation_dtype(xc.dtype)
+    first = xc[:1]
+    shift = _sum(first, kind, dtype=acc) / _count(first, kind)
+    mean, var = _shifted_moments(xc, kind, shift, acc)
+    if xc.device.type == "cpu" and bool(((mean - shift) ** 2 > SHIFT_TOLERANCE * var).any()):
+        mean, var = _shifted_moments(xc, kind, mean, acc)
+    return mean, var
+
+
+def _shifted_moments(xc, kind, shift, acc):
     count = _count(xc, kind)
-    shift = _sum(xc, kind, dtype=acc) / count
     centred_sum = torch.zeros_like(shift)
     squares_sum = torch.zeros_like(shift)
     step = max(1, BLOCK_BYTES // max(1, xc[:1].numel() * torch.finfo(acc).bits // 8))
