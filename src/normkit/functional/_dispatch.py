@@ -32,7 +32,7 @@ CPU_PLAN: dict[tuple[str, str], str] = {
     ("short_planes", "normalize"): "aten",
     ("short_planes", "backward"): "aten",
     ("rows", "train_forward"): "aten",
-    ("rows", "normalize"): "compose",
+    ("rows", "normalize"): "aten",
     ("rows", "backward"): "aten",
 }
 
