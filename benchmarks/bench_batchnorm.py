@@ -107,6 +107,25 @@ def pass_candidates(rounds):
                   f"{r.baseline_ms:.2f} | {r.speedup:.2f}x | {chosen} | {machine()} | {today()} |")
 
 
+def compiled_candidate(rounds):
+    """Would a compiled CPU kernel be worth it? torch.compile's (Inductor C++) training forward against normkit's."""
+    import torch.nn.functional as F
+
+    print("\n| op | shape | layout | inductor ms | normkit ms | normkit speed-up | machine | date |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape, layout in SHAPES[:4]:
+        x = make_input(shape, layout)
+        ours, _ = module_pair(shape[1], len(shape))
+        channels = shape[1]
+        rm, rv, w, b = torch.zeros(channels), torch.ones(channels), torch.ones(channels), torch.zeros(channels)
+        compiled = torch.compile(lambda t: F.batch_norm(t, rm, rv, w, b, True, 0.1, 1e-5))
+        with torch.no_grad():
+            compiled(x)  # compile outside the timing
+            r = paired(lambda: compiled(x), lambda: ours(x), rounds=rounds)
+        print(f"| bn train fwd | {'x'.join(map(str, shape))} | {layout} | {r.baseline_ms:.2f} | {r.candidate_ms:.2f} | "
+              f"{r.speedup:.2f}x | {machine()} | {today()} |")
+
+
 def _with_plan(kind, pass_name, impl, call):
     def run():
         saved = _dispatch.CPU_PLAN[(kind, pass_name)]
@@ -122,10 +141,13 @@ def _with_plan(kind, pass_name, impl, call):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--passes", action="store_true", help="compare each pass's candidate implementations")
+    parser.add_argument("--compiled", action="store_true", help="compare against torch.compile's CPU kernel")
     parser.add_argument("--rounds", type=int, default=21, help="timed rounds per measurement (median reported)")
     parser.add_argument("--repeat", type=int, default=3, help="times the whole end-to-end suite runs")
     args = parser.parse_args(argv)
-    if args.passes:
+    if args.compiled:
+        compiled_candidate(args.rounds)
+    elif args.passes:
         pass_candidates(args.rounds)
     else:
         end_to_end(args.rounds, args.repeat)
