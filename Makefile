@@ -26,7 +26,7 @@ demo: $(RUN_STAMP)
 	$(BIN)/normkit demo
 
 test: $(DEV_STAMP)
-	$(BIN)/python -m ruff check src tests benchmarks
+	$(BIN)/python -m ruff check src tests benchmarks examples
 	$(BIN)/python -m pytest
 
 bench: $(DEV_STAMP)

@@ -1,6 +1,7 @@
 """normkit: batch normalization and its whole family for PyTorch -- exact, fast, and hard to misuse."""
 
-from . import compat, distributed, functional, nn, tools
+from . import compat, diagnostics, distributed, functional, nn, tools
+from .diagnostics import Monitor, Report, doctor
 from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm
 
 __version__ = "0.1.0"
@@ -9,10 +10,14 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "Monitor",
+    "Report",
     "SyncBatchNorm",
     "__version__",
     "compat",
+    "diagnostics",
     "distributed",
+    "doctor",
     "functional",
     "nn",
     "tools",

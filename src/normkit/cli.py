@@ -1,9 +1,10 @@
-"""The ``normkit`` command: ``normkit demo`` and ``normkit --version``."""
+"""The ``normkit`` command: ``normkit demo``, ``normkit doctor TARGET`` and ``normkit --version``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,7 +41,141 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the split, weights and batches (default: 0)")
     demo.add_argument("--json", type=Path, metavar="PATH", help="also write the full result as JSON to PATH")
     demo.set_defaults(handler=_demo)
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="check a model for the classic batch-norm mistakes (exit 1 when an error is found)",
+        description="Check a model for the classic batch-norm mistakes: static rules on the module tree and, with "
+        "--input-shape, dynamic rules from one forward pass on a copy (the model is never changed). Exit status: "
+        "0 no error-severity finding, 1 at least one, 2 usage error.",
+    )
+    doctor.add_argument(
+        "target", metavar="TARGET",
+        help="path/to/file.py:factory or package.module:factory (a callable returning the model), or a checkpoint "
+        "of a full model saved with torch.save(model, path)",
+    )
+    doctor.add_argument("--input-shape", type=_shape, metavar="N,C,...",
+                        help="shape of a random example input, e.g. 8,3,32,32 (enables the dynamic rules)")
+    doctor.add_argument("--mode", choices=("train", "inference"),
+                        help="what the model is checked for (default: its own training flag)")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    doctor.set_defaults(handler=_doctor)
     return parser
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas like 8,3,32,32, got {text!r}")
+    return shape
+
+
+class _UsageError(Exception):
+    """A TARGET that cannot be turned into a model."""
+
+
+def _load_target(target: str):
+    import torch
+
+    path = Path(target)
+    if path.is_file():
+        return _load_checkpoint(path, torch)
+    source, colon, name = target.rpartition(":")
+    if not colon or not source or not name:
+        raise _UsageError(f"TARGET: expected path/to/file.py:factory, package.module:factory or an existing "
+                          f"checkpoint file, got {target!r}")
+    factory = _import_attribute(source, name)
+    if not callable(factory):
+        raise _UsageError(f"TARGET: expected {name!r} in {source} to be a callable returning a model, got "
+                          f"{type(factory).__name__}")
+    try:
+        model = factory()
+    except Exception as exc:  # the factory's own failure: report it as a bad TARGET, not as findings (exit 1)
+        raise _UsageError(f"TARGET: {source}:{name}() raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise _UsageError(f"TARGET: expected {source}:{name}() to return an nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _import_attribute(source: str, name: str):
+    import importlib
+    import importlib.util
+
+    if source.endswith(".py") or Path(source).is_file():
+        path = Path(source)
+        if not path.is_file():
+            raise _UsageError(f"TARGET: expected a Python file, {source!r} does not exist")
+        spec = importlib.util.spec_from_file_location(f"_normkit_doctor_target_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, str(path.resolve().parent))  # so that the file can import its neighbours
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(path.resolve().parent))
+    else:
+        added = str(Path.cwd()) not in sys.path
+        if added:  # as `python -m` does, so that the console script finds modules in the working directory
+            sys.path.insert(0, str(Path.cwd()))
+        try:
+            module = importlib.import_module(source)
+        except ImportError as exc:
+            raise _UsageError(
+                f"TARGET: expected an importable module {source!r}, got {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            if added:
+                sys.path.remove(str(Path.cwd()))
+    if not hasattr(module, name):
+        raise _UsageError(f"TARGET: expected {source} to define {name!r}; it does not")
+    return getattr(module, name)
+
+
+def _load_checkpoint(path: Path, torch):
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a full-model pickle is refused by weights_only=True; retry as trusted
+        print(f"warning: {path} is not loadable with weights_only=True (a full-model pickle); loading it with "
+              "weights_only=False, which runs code from the file: only do this for files you trust", file=sys.stderr)
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # anything torch.load raises is a bad TARGET
+            raise _UsageError(
+                f"TARGET: expected a torch checkpoint, {path} raised {type(exc).__name__}: {exc}"
+            ) from exc
+    if not isinstance(loaded, torch.nn.Module):
+        raise _UsageError(f"TARGET: expected {path} to hold a full model (torch.save(model, path)), got "
+                          f"{type(loaded).__name__} (a state_dict needs its model: pass file.py:factory instead)")
+    return loaded
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    import torch
+
+    from .diagnostics import doctor
+
+    try:
+        model = _load_target(args.target)
+    except _UsageError as exc:
+        print(f"usage: normkit doctor TARGET [--input-shape N,C,...] [--mode train|inference] [--json]\n"
+              f"normkit doctor: error: {exc}", file=sys.stderr)
+        return 2
+    example = None
+    if args.input_shape is not None:
+        reference = next(iter((*model.parameters(), *model.buffers())), None)
+        dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
+        device = reference.device if reference is not None else "cpu"
+        example = torch.randn(args.input_shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    report = doctor(model, example, mode=args.mode)
+    if args.json:
+        print(report.to_json())
+    else:
+        from rich.console import Console
+
+        report.render(Console())
+    return 0 if report.ok else 1
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -103,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name; ``None`` reads ``sys.argv``.
 
     Returns:
-        The exit status: 0 on success, 2 for a usage error.
+        The exit status: 0 on success, 1 when ``normkit doctor`` finds an error-severity problem, 2 for a usage
+        error.
     """
     parser = build_parser()
     try:
