@@ -18,7 +18,8 @@ def test_import_is_light():
 def test_public_api():
     import normkit
 
-    for name in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "functional", "nn"):
+    for name in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "doctor", "Monitor", "Report",
+                 "compat", "diagnostics", "distributed", "functional", "nn", "tools"):
         assert name in normkit.__all__
         assert getattr(normkit, name) is not None
     assert normkit.BatchNorm2d is normkit.nn.BatchNorm2d
