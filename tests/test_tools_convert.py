@@ -181,11 +181,15 @@ def test_sync_refuses_an_uninitialized_lazy_batch_norm():
         normkit.tools.sync(torch.nn.Sequential(torch.nn.LazyBatchNorm2d()))
 
 
-@pytest.mark.parametrize("spec", ["gn32", "gn/16", "frozen", "brn", "ghost32", "bn-biased", "ln", "none"])
-def test_norm_layer_specs_are_issue_5(spec):
-    with pytest.raises(NotImplementedError, match=r"issue 5 \(model tools\)") as info:
-        normkit.tools.convert(_model(), spec)
+@pytest.mark.parametrize("spec", ["brn", "ghost32", "cbn"])
+def test_norm_layer_specs_of_issue_3_are_not_built_yet_and_change_nothing(spec):
+    model = _model()
+    before = snapshot(model)
+    with pytest.raises(NotImplementedError, match=r"issue 3 \(normalization family\)") as info:
+        normkit.tools.convert(model, spec)
     assert repr(spec) in str(info.value)
+    assert type(model[1]) is torch.nn.BatchNorm2d
+    assert snapshot(model).keys() == before.keys()
 
 
 def test_unknown_target_and_stray_options():
@@ -193,3 +197,137 @@ def test_unknown_target_and_stray_options():
         normkit.tools.convert(_model(), "syncbn")
     with pytest.raises(TypeError, match="takes no options"):
         normkit.tools.convert(_model(), "torch", process_group=None)
+
+
+# --- norm_layer specs (issue 5) -------------------------------------------------------------------------------
+
+
+def _wide_model(**kwargs):
+    """Channel counts divisible by 32, a BatchNorm1d head, an existing GroupNorm that must stay."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3), torch.nn.BatchNorm2d(32, **kwargs), torch.nn.ReLU(),
+        torch.nn.Sequential(torch.nn.Conv2d(32, 64, 1), normkit.BatchNorm2d(64, **kwargs)),
+        torch.nn.GroupNorm(4, 64), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32, **kwargs),
+    )
+    with torch.no_grad():
+        for _, module in _batch_norms(model):
+            if module.weight is not None:
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+@pytest.mark.parametrize(("spec", "groups"), [("gn32", (32, 32, 32)), ("gn/16", (2, 4, 2)), ("ln", (1, 1, 1))])
+def test_convert_to_group_norm_carries_the_affine_parameters_and_eps(spec, groups):
+    model = _wide_model(eps=1e-3).eval()
+    weights = [(m.weight, m.bias) for _, m in _batch_norms(model)]
+    kept = model[4]
+    converted = normkit.tools.convert(model, spec)
+    assert converted is model and model[4] is kept and not model.training
+    new = [model[1], model[3][1], model[8]]
+    assert all(type(m) is torch.nn.GroupNorm for m in new)
+    assert tuple(m.num_groups for m in new) == groups
+    for m, (weight, bias) in zip(new, weights, strict=True):
+        assert m.weight is weight and m.bias is bias and m.eps == 1e-3 and not m.training
+    x = torch.randn(2, 3, 6, 6)
+    assert model(x).shape == (2, 32)
+
+
+def test_convert_to_group_norm_carries_affine_false_and_bias_false():
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(32, affine=False), normkit.BatchNorm2d(32, bias=False))
+    weight = model[1].weight
+    normkit.tools.convert(model, "gn32")
+    assert model[0].weight is None and model[0].bias is None
+    assert model[1].weight is weight and model[1].bias is None
+
+
+def test_gn32_on_channels_it_does_not_divide_names_c_and_changes_nothing():
+    model = _model()  # channels 4, 5, 6
+    before = [type(m) for m in model]
+    with pytest.raises(ValueError, match=r"layer '1' \(BatchNorm2d\(4\)\).*got C=4") as info:
+        normkit.tools.convert(model, "gn32")
+    assert "Nothing was converted" in str(info.value)
+    assert [type(m) for m in model] == before
+
+
+@pytest.mark.parametrize("source", [torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d])
+def test_convert_to_instance_norm_picks_the_rank(source):
+    bn = source(8)
+    converted = normkit.tools.convert(bn, "in")
+    rank = source.__name__[-2]
+    assert type(converted) is getattr(torch.nn, f"InstanceNorm{rank}d")
+    assert converted.weight is bn.weight and converted.affine and not converted.track_running_stats
+
+
+def test_convert_to_frozen_is_freeze_and_unfreezes():
+    model = _model().train()
+    x = torch.randn(4, 3, 6, 6)
+    expected = copy.deepcopy(model).eval()(x)
+    frozen = normkit.tools.convert(model, "frozen")
+    assert [type(m) for _, m in frozen.named_modules() if isinstance(m, nk.FrozenBatchNorm)] == [
+        nk.FrozenBatchNorm2d, nk.FrozenBatchNorm2d, nk.FrozenBatchNorm1d]
+    assert frozen.training
+    assert_close(frozen(x), expected, what="frozen output")
+    back = normkit.tools.unfreeze(frozen)
+    assert [type(m) for _, m in _batch_norms(back)] == [torch.nn.BatchNorm2d, torch.nn.BatchNorm2d,
+                                                        torch.nn.BatchNorm1d]
+    assert_close(back.eval()(x), expected, what="unfrozen output")
+
+
+def test_convert_bn_and_bn_biased_share_state_and_keep_outputs():
+    model = _model()
+    state = {name: _state_objects(m) for name, m in _batch_norms(model)}
+    x = torch.randn(4, 3, 6, 6)
+    expected = copy.deepcopy(model).eval()(x)
+    converted = normkit.tools.convert(model, "bn").eval()
+    assert [type(m) for _, m in _batch_norms(converted)] == [nk.BatchNorm2d, nk.BatchNorm2d, nk.BatchNorm1d]
+    for name, module in _batch_norms(converted):
+        assert all(a is b for a, b in zip(_state_objects(module), state[name], strict=True)), name
+    assert_close(converted(x), expected, what="eval output")
+    kept = converted[1]
+    assert normkit.tools.convert(converted, "bn")[1] is kept
+    biased = normkit.tools.convert(converted, "bn-biased")
+    assert all(m.running_var_mode == "biased" for _, m in _batch_norms(biased))
+    assert biased[1].weight is kept.weight
+    assert normkit.tools.convert(biased, "bn-biased")[1] is biased[1]
+
+
+def test_convert_from_frozen_and_from_sync_layers():
+    frozen = normkit.tools.freeze(torch.nn.BatchNorm2d(32, momentum=0.3))
+    bn = normkit.tools.convert(frozen, "bn")
+    assert type(bn) is nk.BatchNorm2d and bn.momentum == 0.3 and bn.weight.requires_grad
+    gn = normkit.tools.convert(normkit.tools.freeze(torch.nn.BatchNorm1d(32)), "gn32")
+    assert type(gn) is torch.nn.GroupNorm and isinstance(gn.weight, torch.nn.Parameter)
+    sync = torch.nn.SyncBatchNorm(8)
+    with pytest.raises(ValueError, match="Pass dim=1, 2 or 3"):
+        normkit.tools.convert(sync, "bn")
+    assert type(normkit.tools.convert(sync, "bn", dim=3)) is nk.BatchNorm3d
+    assert type(normkit.tools.convert(sync, "frozen")) is nk.FrozenBatchNorm
+    assert type(normkit.tools.convert(sync, "frozen", dim=2)) is nk.FrozenBatchNorm2d
+    assert type(normkit.tools.convert(sync, "gn/4")) is torch.nn.GroupNorm
+
+
+def test_convert_to_none_removes_batch_norms():
+    model = _model()
+    converted = normkit.tools.convert(model, "none")
+    assert _batch_norms(converted) == [] and type(converted[1]) is torch.nn.Identity
+    assert type(normkit.tools.convert(torch.nn.BatchNorm1d(3), "none")) is torch.nn.Identity
+
+
+@pytest.mark.parametrize("spec", ["gn/4", "frozen", "in", "bn"])
+def test_convert_refuses_unknown_subclasses_and_changes_nothing(spec):
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(4), _BatchNormAct(4))
+    with pytest.raises(TypeError, match="does not know"):
+        normkit.tools.convert(model, spec)
+    assert type(model[0]) is torch.nn.BatchNorm2d
+
+
+def test_convert_spec_options():
+    with pytest.raises(TypeError, match="takes only the option dim"):
+        normkit.tools.convert(_model(), "gn/1", process_group=None)
+    with pytest.raises(ValueError, match="dim must be 1, 2 or 3"):
+        normkit.tools.convert(_model(), "bn", dim=0)
+    with pytest.raises(ValueError, match="unknown target 'gn32x'.*Did you mean 'gn32'"):
+        normkit.tools.convert(_model(), "gn32x")

@@ -2,7 +2,17 @@
 
 from . import compat, diagnostics, distributed, functional, nn, tools
 from .diagnostics import Monitor, Report, doctor
-from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm
+from .nn import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    SyncBatchNorm,
+    norm_layer,
+)
 
 __version__ = "0.1.0"
 
@@ -10,6 +20,10 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "FrozenBatchNorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
     "Monitor",
     "Report",
     "SyncBatchNorm",
@@ -20,5 +34,6 @@ __all__ = [
     "doctor",
     "functional",
     "nn",
+    "norm_layer",
     "tools",
 ]

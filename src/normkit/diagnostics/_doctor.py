@@ -412,8 +412,8 @@ def _rule_frozen_stats_updating(work, names, mode, graph, trace, world_size):
                 "frozen-stats-updating", name,
                 "γ and β are frozen (requires_grad=False) but the BN is in training mode, so every forward still "
                 "normalizes with batch statistics and overwrites the pretrained running statistics.",
-                "keep frozen BNs in eval mode after every model.train() (override train() to call .eval() on "
-                "them, or torchvision's FrozenBatchNorm2d); or unfreeze γ and β if the BN should adapt",
+                "freeze them for good with normkit.tools.freeze(model) (FrozenBatchNorm: model.train() cannot "
+                "un-freeze it); or unfreeze γ and β if the BN should adapt",
             )
 
 

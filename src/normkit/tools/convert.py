@@ -1,19 +1,21 @@
-"""``convert(model, to)``: swap every batch norm of a model for another implementation, sharing its state.
+"""``convert(model, to)``: swap every batch norm of a model for another implementation or another norm.
 
-This module holds ``to="sync"``, ``"normkit"`` and ``"torch"``; the ``norm_layer`` specs (``"gn32"``, ``"frozen"``,
-``"brn"``, ...) belong to issue 5 (model tools) and raise ``NotImplementedError`` until then.
+``to="sync"``, ``"normkit"`` and ``"torch"`` change the implementation and share the state; a ``norm_layer`` spec
+(``"gn32"``, ``"frozen"``, ``"in"``, ...) changes the normalization and carries over what carries.
 """
 
 from __future__ import annotations
 
-import re
 import zlib
 from collections.abc import Callable
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from .. import nn as nk
+from ..nn.frozen import FrozenBatchNorm, _default_config, _unfreeze, rank_of
+from ..nn.norm_layer import BATCH_NORMS, FROZEN, Spec, groups, norm_layer, parse, require_built, unknown
 
 TORCH_BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
 NORMKIT_BATCH_NORMS = (nk.BatchNorm1d, nk.BatchNorm2d, nk.BatchNorm3d)
@@ -21,29 +23,50 @@ TO_NORMKIT: dict[type, type] = {**dict(zip(TORCH_BATCH_NORMS, NORMKIT_BATCH_NORM
                                  torch.nn.SyncBatchNorm: nk.SyncBatchNorm}
 TO_TORCH: dict[type, type] = {normkit: torch_ for torch_, normkit in TO_NORMKIT.items()}
 
-# The norm_layer grammar of DESIGN.md section 4; issue 5 (model tools) implements these targets.
-_LATER_SPECS = re.compile(r"^(bn|bn-biased|frozen|gn\d+|gn/\d+|ln|in|brn|ghost\d+|cbn|none)$")
+_SOURCES = (*TORCH_BATCH_NORMS, *NORMKIT_BATCH_NORMS, torch.nn.SyncBatchNorm, nk.SyncBatchNorm)
 
 
 def convert(model: torch.nn.Module, to: str, **kwargs) -> torch.nn.Module:
-    r"""Every batch norm under ``model`` becomes the implementation named by ``to``, sharing parameters and buffers.
+    r"""Every batch norm under ``model`` becomes the implementation or the normalization named by ``to``.
 
     .. math::
-        \mathrm{convert}(f, \mathrm{to})(x) = f(x)
+        \mathrm{convert}(f, \texttt{"normkit"})(x) = \mathrm{convert}(f, \texttt{"torch"})(x) = f(x)
 
-    The outputs do not change (with ``"sync"``: in training they become those of the union of the ranks'
-    batches). Parameters and buffers are the same tensor objects in the old and the new layers, ``training`` is
-    kept, a batch norm at the root returns the new layer, and submodules are replaced in place (like
-    :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`); layers already of the target kind are kept.
+    **Implementations** (``"sync"``, ``"normkit"``, ``"torch"``): the outputs do not change (with ``"sync"``: in
+    training they become those of the union of the ranks' batches); parameters and buffers are the same tensor
+    objects in the old and the new layers (like :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`).
+
+    **Normalizations** (a :func:`normkit.nn.norm_layer` spec): every batch norm (torch's and normkit's
+    ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm``, and normkit's frozen ones) becomes ``norm_layer(to, C)``, with
+    what carries over:
+
+    - ``"bn"``, ``"bn-biased"``: normkit's ``BatchNorm1d/2d/3d`` of the layer's rank sharing its parameters and
+      buffers, with its ``eps``, ``momentum``, ``affine``, ``track_running_stats`` (the running variance keeps its
+      value when its convention changes; it is an average of past batches either way);
+    - ``"frozen"``: :func:`normkit.tools.freeze` (the ``eval()`` output, values copied, undone by
+      :func:`normkit.tools.unfreeze`);
+    - ``"gnG"``, ``"gn/K"``, ``"ln"``, ``"in"``: the layer's ``weight`` and ``bias`` (the same Parameters, so an
+      optimizer built before keeps training them), ``eps``, ``affine`` and ``bias=False``; the running
+      statistics do not carry (these norms use the statistics of each sample);
+    - ``"none"``: ``torch.nn.Identity()``.
+
+    GroupNorm, LayerNorm and InstanceNorm layers already in the model are left alone. ``training`` is kept, a
+    batch norm at the root returns the new layer, submodules are replaced in place, a layer shared between
+    several places stays shared, and layers already of the target kind are kept. Everything is checked before
+    anything changes: a spec that does not fit a layer (``"gn32"`` on 48 channels), an unknown spec, a batch
+    norm subclass normkit does not know (timm's ``BatchNormAct2d``), and the specs of issue 3 (``"brn"``,
+    ``"ghostB"``, ``"cbn"``, ``NotImplementedError``) raise and leave the model as it was.
 
     Args:
         model: any module.
         to: ``"sync"`` (:func:`normkit.tools.sync`; keyword ``process_group``), ``"normkit"`` (torch's
-            ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` become normkit's) or ``"torch"`` (normkit's become
-            torch's; a layer with ``running_var="biased"`` raises, since torch cannot store that variance).
-            Other classes, including subclasses such as timm's ``BatchNormAct2d``, are left alone by
-            ``"normkit"`` and ``"torch"``.
-        **kwargs: options of the target (``process_group`` for ``"sync"``).
+            ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` become normkit's), ``"torch"`` (normkit's become
+            torch's; a layer with ``running_var="biased"`` raises, since torch cannot store that variance), or a
+            :func:`normkit.nn.norm_layer` spec. ``"normkit"`` and ``"torch"`` leave other classes alone, including
+            subclasses such as timm's ``BatchNormAct2d``.
+        **kwargs: ``process_group`` for ``"sync"``; ``dim`` (1, 2 or 3) for a spec: the rank of the layers that
+            do not know theirs (``SyncBatchNorm``, :class:`normkit.nn.FrozenBatchNorm`), needed for ``"bn"``,
+            ``"bn-biased"`` and ``"in"`` when the model has such layers.
 
     Returns:
         ``model``, or the new layer if ``model`` itself was converted.
@@ -56,6 +79,11 @@ def convert(model: torch.nn.Module, to: str, **kwargs) -> torch.nn.Module:
         'normkit.nn.batchnorm'
         >>> type(normkit.tools.convert(model, "torch")[1]).__module__
         'torch.nn.modules.batchnorm'
+        >>> cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.BatchNorm2d(64))
+        >>> weight = cnn[1].weight
+        >>> cnn = normkit.tools.convert(cnn, "gn32")
+        >>> cnn[1], cnn[1].weight is weight
+        (GroupNorm(32, 64, eps=1e-05, affine=True, bias=True), True)
     """
     if to == "sync":
         from .sync import sync
@@ -67,15 +95,99 @@ def convert(model: torch.nn.Module, to: str, **kwargs) -> torch.nn.Module:
         table = TO_NORMKIT if to == "normkit" else TO_TORCH
         return replace(model, lambda module, _name: _swap(module, table, to),
                        _check_torch_can_store if to == "torch" else None)
-    if isinstance(to, str) and _LATER_SPECS.match(to):
-        raise NotImplementedError(
-            f"convert(model, {to!r}) is not built yet: norm_layer specs are issue 5 (model tools). Available now: "
-            "'sync', 'normkit', 'torch'."
+    spec = parse(to)
+    if spec is None:
+        raise unknown(to, "convert", "target", "'sync', 'normkit', 'torch', or ")
+    caller = f"convert(model, {to!r})"
+    require_built(spec, caller)
+    dim = kwargs.pop("dim", None)
+    if kwargs:
+        raise TypeError(f"{caller} takes only the option dim (the rank of SyncBatchNorm and FrozenBatchNorm layers), "
+                        f"got {sorted(kwargs)}.")
+    if dim is not None and (isinstance(dim, bool) or dim not in (1, 2, 3)):
+        raise ValueError(f"{caller}: dim must be 1, 2 or 3 (the BatchNorm1d/2d/3d rank), got {dim!r}.")
+    if spec.kind == "frozen":
+        return _freeze(model, dim, caller)
+    return replace(model, lambda module, _name: _to_spec(module, spec, dim),
+                   lambda module, name: _check_spec(module, name, spec, dim, caller))
+
+
+def _freeze(model: torch.nn.Module, dim: int | None, caller: str) -> torch.nn.Module:
+    from .freeze import check_freezable
+
+    def check(module: torch.nn.Module, name: str) -> None:
+        if isinstance(module, _BatchNorm):
+            check_freezable(module, name, caller)
+
+    def swap(module: torch.nn.Module, _name: str) -> torch.nn.Module:
+        if not isinstance(module, _BatchNorm):
+            return module
+        rank = rank_of(module) or dim
+        return (FrozenBatchNorm if rank is None else FROZEN[rank]).from_batch_norm(module)
+
+    return replace(model, swap, check)
+
+
+def _is_source(module: torch.nn.Module) -> bool:
+    return type(module) in _SOURCES or isinstance(module, FrozenBatchNorm)
+
+
+def _check_spec(module: torch.nn.Module, name: str, spec: Spec, dim: int | None, caller: str) -> None:
+    where = f"layer {name!r}" if name else "the model"
+    if isinstance(module, _BatchNorm) and not _is_source(module):
+        if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+            raise TypeError(f"{caller}: {where} is an uninitialized {type(module).__name__}; its number of features "
+                            "is not known yet. Run one forward pass first. Nothing was converted.")
+        raise TypeError(
+            f"{caller}: {where} is a {type(module).__module__}.{type(module).__name__}, a batch norm subclass "
+            "normkit does not know; replacing it would drop what it adds (e.g. the activation of timm's "
+            "BatchNormAct2d). Replace it yourself, or convert its library's plain layers. Nothing was converted."
         )
-    raise ValueError(
-        f"convert: unknown target {to!r}; expected 'sync', 'normkit', 'torch', or a norm_layer spec such as "
-        "'gn32', 'frozen', 'brn' (issue 5)."
-    )
+    if not _is_source(module):
+        return
+    if spec.kind in ("gn", "gn/", "ln"):
+        groups(spec, module.num_features, f"{caller}: {where} ({type(module).__name__}({module.num_features}))",
+               " Nothing was converted.")
+    if spec.kind in ("bn", "bn-biased", "in") and rank_of(module) is None and dim is None:
+        raise ValueError(
+            f"{caller}: {where} is a {type(module).__name__}, which takes inputs of every rank, so the "
+            f"{'InstanceNorm' if spec.kind == 'in' else 'BatchNorm'}1d/2d/3d to build is not known. Pass dim=1, 2 or "
+            "3 (e.g. convert(model, ..., dim=2) for images). Nothing was converted."
+        )
+
+
+def _to_spec(module: torch.nn.Module, spec: Spec, dim: int | None) -> torch.nn.Module:
+    if not _is_source(module):
+        return module
+    frozen = isinstance(module, FrozenBatchNorm)
+    config = (getattr(module, "_unfrozen_config", None) or _default_config(module)) if frozen else None
+    rank = rank_of(module) or dim
+    if spec.kind == "none":
+        new = torch.nn.Identity()
+    elif spec.kind in ("bn", "bn-biased"):
+        target = BATCH_NORMS[rank]
+        mode = "biased" if spec.kind == "bn-biased" else "unbiased"
+        if type(module) is target and module.running_var_mode == mode:
+            return module
+        nonfinite = config["options"].get("nonfinite", "skip") if frozen else getattr(module, "nonfinite", "skip")
+        if frozen:
+            return _unfreeze(module, config, target, running_var=mode, nonfinite=nonfinite)
+        return rebuild(module, target, running_var=mode, nonfinite=nonfinite)
+    else:
+        affine = config["affine"] if frozen else module.affine
+        has_bias = config["bias"] if frozen else module.bias is not None
+        like = next(t for t in (module.weight, module.running_mean, torch.empty(0)) if t is not None)
+        new = norm_layer(spec.text, module.num_features, dim=rank or 2, eps=module.eps, affine=affine,
+                                 bias=has_bias, device=like.device, dtype=like.dtype)
+        if affine:
+            weight, bias = module.weight, module.bias
+            if frozen:
+                weight, bias = (torch.nn.Parameter(t.detach().clone()) for t in (weight, bias))
+            new.weight = weight
+            if has_bias:
+                new.bias = bias
+    new.training = module.training
+    return new
 
 
 def _swap(module: torch.nn.Module, table: dict[type, type], to: str) -> torch.nn.Module:

@@ -1,0 +1,164 @@
+"""``norm_layer(spec, num_features)``: one string grammar for the normalization family."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from .syncbatchnorm import SyncBatchNorm
+
+GRAMMAR = ("'bn', 'bn-biased', 'frozen', 'sync', 'gnG' (G groups, e.g. 'gn32'), 'gn/K' (K channels per group, "
+           "e.g. 'gn/16'), 'ln', 'in', 'brn', 'ghostB' (virtual batch size B, e.g. 'ghost32'), 'cbn', 'none'")
+_EXAMPLES = ("bn", "bn-biased", "frozen", "sync", "gn32", "gn/16", "ln", "in", "brn", "ghost32", "cbn", "none")
+_PATTERN = re.compile(r"^(?:(bn|bn-biased|frozen|sync|ln|in|brn|cbn|none)|gn(\d+)|gn/(\d+)|ghost(\d+))$")
+# Specs of the normalization family whose modules are built in issue 3.
+_ISSUE_3 = {"brn": "BatchRenorm{d}d", "ghost": "GhostBatchNorm{d}d", "cbn": "CrossIterationBatchNorm2d"}
+BATCH_NORMS = {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}
+FROZEN = {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d}
+_INSTANCE_NORMS = {1: torch.nn.InstanceNorm1d, 2: torch.nn.InstanceNorm2d, 3: torch.nn.InstanceNorm3d}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A parsed ``norm_layer`` spec: ``kind`` is the spec without its number (``"gn"``, ``"gn/"``, ``"ghost"``, or
+    the whole spec), ``number`` the groups, channels per group or virtual batch size."""
+
+    text: str
+    kind: str
+    number: int | None = None
+
+
+def parse(spec) -> Spec | None:
+    """The parsed ``spec``, or ``None`` if it is not in the grammar; raises ``ValueError`` for a zero number."""
+    match = _PATTERN.match(spec) if isinstance(spec, str) else None
+    if match is None:
+        return None
+    if match[1]:
+        return Spec(spec, match[1])
+    kind, number = next((k, int(v)) for k, v in zip(("gn", "gn/", "ghost"), match.groups()[1:], strict=True) if v)
+    if number == 0:
+        what = {"gn": "number of groups", "gn/": "number of channels per group", "ghost": "virtual batch size"}[kind]
+        raise ValueError(f"norm_layer spec {spec!r}: the {what} must be positive, got 0. E.g. 'gn32', 'gn/16', "
+                         "'ghost32'.")
+    return Spec(spec, kind, number)
+
+
+def unknown(spec, caller: str, what: str = "spec", also: str = "") -> ValueError:
+    """The error for a string outside the grammar, with the closest valid spec when there is one."""
+    close = difflib.get_close_matches(spec.lower(), _EXAMPLES, n=1) if isinstance(spec, str) else []
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"{caller}: unknown {what} {spec!r}; expected {also}a norm_layer spec: {GRAMMAR}.{hint}")
+
+
+def require_built(spec: Spec, caller: str) -> None:
+    """Raise ``NotImplementedError`` for the specs of issue 3, whose modules do not exist yet."""
+    if spec.kind in _ISSUE_3:
+        module = _ISSUE_3[spec.kind].format(d="1/2/3")
+        raise NotImplementedError(
+            f"{caller}: spec {spec.text!r} ({module}) is not built yet: it belongs to issue 3 (normalization "
+            "family). Available now: 'bn', 'bn-biased', 'frozen', 'sync', 'gnG', 'gn/K', 'ln', 'in', 'none'."
+        )
+
+
+def groups(spec: Spec, num_features: int, context: str = "", after: str = "") -> int:
+    """The number of groups of a ``gnG``, ``gn/K`` or ``ln`` spec for ``num_features`` channels, or a ``ValueError``
+    that names the channel count and the specs that would fit."""
+    if spec.kind == "ln":
+        return 1
+    per_group = spec.kind == "gn/"
+    if num_features % spec.number == 0:
+        return num_features // spec.number if per_group else spec.number
+    divisors = [d for d in range(1, num_features + 1) if num_features % d == 0]
+    below = max(d for d in divisors if d < spec.number)
+    above = [d for d in divisors if d > spec.number]
+    prefix = "gn/" if per_group else "gn"
+    fits = " or ".join(repr(f"{prefix}{d}") for d in [below, *above[:1]])
+    if per_group:
+        need = f"{spec.number} channels per group need a channel count divisible by {spec.number}"
+    else:
+        need = f"GroupNorm({spec.number}, C) needs a channel count C divisible by {spec.number}"
+        if num_features % 16 == 0:
+            fits = f"'gn/16' ({num_features // 16} groups of 16 channels) or " + fits
+    context = context or f"norm_layer({spec.text!r}, {num_features})"
+    raise ValueError(f"{context}: {need}, got C={num_features}. Use {fits} (divisors of {num_features}), or "
+                     f"another norm.{after}")
+
+
+def norm_layer(spec: str, num_features: int, *, dim: int = 2, **kwargs) -> torch.nn.Module:
+    r"""The normalization layer named by ``spec`` for ``num_features`` channels, inputs :math:`(N, C, *)`.
+
+    ====================  ==============================================================================
+    spec                  module
+    ====================  ==============================================================================
+    ``"bn"``              :class:`normkit.nn.BatchNorm{dim}d` ``(C)``
+    ``"bn-biased"``       :class:`normkit.nn.BatchNorm{dim}d` ``(C, running_var="biased")`` (Keras, Flax)
+    ``"frozen"``          :class:`normkit.nn.FrozenBatchNorm{dim}d` ``(C)``
+    ``"sync"``            :class:`normkit.nn.SyncBatchNorm` ``(C)``
+    ``"gnG"``             ``torch.nn.GroupNorm(G, C)``: ``"gn32"`` is the GN paper's 32 groups
+    ``"gn/K"``            ``torch.nn.GroupNorm(C // K, C)``: ``K`` channels per group (``"gn/16"``)
+    ``"ln"``              ``torch.nn.GroupNorm(1, C)``: normalizes each sample over :math:`(C, *)`, the
+                          GN paper's LayerNorm; on an :math:`(N, C)` input it equals ``LayerNorm(C)``
+                          (not ConvNeXt's ``LayerNorm2d``, which normalizes over :math:`C` per position)
+    ``"in"``              ``torch.nn.InstanceNorm{dim}d(C, affine=True)``
+    ``"none"``            ``torch.nn.Identity()`` (``kwargs`` are ignored)
+    ``"brn"``,            BatchRenorm, GhostBatchNorm, CrossIterationBatchNorm: issue 3 (normalization
+    ``"ghostB"``,         family), ``NotImplementedError`` until then
+    ``"cbn"``
+    ====================  ==============================================================================
+
+    GroupNorm and InstanceNorm are torch's classes until normkit's drop-ins of them (issue 3) land; the
+    grammar will then return those, with the same arguments and state_dict.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+        \quad\text{(the statistics over the dimensions the spec names)}
+
+    Args:
+        spec: a string of the grammar above.
+        num_features: the channel count :math:`C`.
+        dim: the rank of the input's spatial part, 1 (``(N, C)`` or ``(N, C, L)``), 2 (images) or 3 (volumes);
+            picks the ``1d``/``2d``/``3d`` class where the spec has one. Default: ``2``
+        **kwargs: passed to the module's constructor (``eps``, ``momentum``, ``affine``, ``device``, ``dtype``, ...).
+
+    Examples::
+
+        >>> import normkit
+        >>> normkit.nn.norm_layer("gn32", 64)
+        GroupNorm(32, 64, eps=1e-05, affine=True, bias=True)
+        >>> normkit.nn.norm_layer("gn/16", 64)
+        GroupNorm(4, 64, eps=1e-05, affine=True, bias=True)
+        >>> normkit.nn.norm_layer("bn-biased", 8, dim=1)
+        BatchNorm1d(8, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True, running_var='biased')
+    """
+    parsed = parse(spec)
+    if parsed is None:
+        raise unknown(spec, "norm_layer")
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"norm_layer({spec!r}, ...): num_features must be a positive int (the channel count C), "
+                         f"got {num_features!r}.")
+    if dim not in (1, 2, 3) or isinstance(dim, bool):
+        raise ValueError(f"norm_layer({spec!r}, ...): dim must be 1, 2 or 3 (the BatchNorm1d/2d/3d rank), got "
+                         f"{dim!r}.")
+    require_built(parsed, "norm_layer")
+    kind = parsed.kind
+    if kind == "none":
+        return torch.nn.Identity()
+    if kind in ("bn", "bn-biased"):
+        if kind == "bn-biased":
+            kwargs = {"running_var": "biased", **kwargs}
+        return BATCH_NORMS[dim](num_features, **kwargs)
+    if kind == "frozen":
+        return FROZEN[dim](num_features, **kwargs)
+    if kind == "sync":
+        return SyncBatchNorm(num_features, **kwargs)
+    if kind == "in":
+        return _INSTANCE_NORMS[dim](num_features, **{"affine": True, **kwargs})
+    return torch.nn.GroupNorm(groups(parsed, num_features), num_features, **kwargs)
+
+
+__all__ = ["BATCH_NORMS", "FROZEN", "GRAMMAR", "Spec", "groups", "norm_layer", "parse", "require_built", "unknown"]
