@@ -68,6 +68,8 @@ def train_forward_in_place(xc, weight, bias, running_mean, running_var, momentum
 def normalize(xc, kind, mean, var, weight, bias, eps):
     if weight is not None and mean.dtype != weight.dtype:
         mean, var = mean.to(weight.dtype), var.to(weight.dtype)
+    if torch.jit.is_tracing():  # the TorchScript ONNX exporter knows aten::batch_norm only
+        return torch.batch_norm(xc, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
     return torch.ops.aten._native_batch_norm_legit_no_training(xc, weight, bias, mean, var, 0.0, eps)[0]
 
 

@@ -1,8 +1,11 @@
 """Model tools: functions ``f(model, ...) -> model`` that recurse over the submodules and share their state."""
 
+from .adapt import adapt
 from .convert import convert
+from .fold import FoldReport, fold
 from .freeze import freeze, unfreeze
 from .param_groups import param_groups
+from .recalibrate import recalibrate
 from .sync import sync
 
-__all__ = ["convert", "freeze", "param_groups", "sync", "unfreeze"]
+__all__ = ["FoldReport", "adapt", "convert", "fold", "freeze", "param_groups", "recalibrate", "sync", "unfreeze"]
