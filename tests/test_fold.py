@@ -321,3 +321,19 @@ def test_report_type_and_string():
 def test_folded_model_still_trains_and_deepcopies():
     folded = fold(randomize(SmallResNet()))
     copy.deepcopy(folded).train()(torch.randn(2, 3, 8, 8)).sum().backward()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_frozen_batch_norms_fold_too(name):
+    build, torch_bn, _, shape, expected_folds = MODELS[name]
+    torch.manual_seed(0)
+    model = normkit.tools.freeze(randomize(build(bn=torch_bn)).eval())
+    frozen = sum(isinstance(m, normkit.nn.FrozenBatchNorm) for m in model.modules())
+    x = torch.randn(shape)
+    with torch.no_grad():
+        expected = model(x)
+        folded, report = fold(model, report=True)
+        actual = folded(x)
+    assert frozen == expected_folds and len(report.folded) == expected_folds and report.kept == []
+    assert not any(isinstance(m, normkit.nn.FrozenBatchNorm) for m in folded.modules())
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)

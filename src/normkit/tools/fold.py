@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..nn.batchnorm import _BatchNormMixin
+from ..nn.frozen import FrozenBatchNorm, FrozenBatchNorm1d
 
 # Layers a batch norm folds into, by exact type (a subclass may change what its forward does, as torch's fx fusion
 # assumes too). Their output channels are dimension 1 of the output, except Linear's, whose features are the last
@@ -26,6 +27,9 @@ _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _LAYERS = (*_CONVS, *_TRANSPOSED, nn.Linear)
 # A batch norm folds when its eval forward is the plain one: torch's, normkit's, or a subclass that keeps it.
 _PLAIN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward, _BatchNormMixin.forward)
+# What folds: the batch norms, and normkit's frozen ones (what normkit.tools.freeze leaves), whose forward is the
+# same eval affine map whatever the module's training flag.
+_NORMS = (_BatchNorm, FrozenBatchNorm)
 
 
 @dataclass
@@ -65,7 +69,8 @@ def fold(model: nn.Module, *, report: bool = False) -> nn.Module | tuple[nn.Modu
     per output channel, with :math:`\mu, \sigma^2` the running statistics. A batch norm folds when it directly
     follows a ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` (any ``groups``) or ``Linear`` (then a ``BatchNorm1d`` on
     ``(N, C)`` batches) whose output nothing else uses, tracks running statistics, is a plain batch norm (torch's or
-    normkit's, ``SyncBatchNorm`` included), and neither module carries hooks nor is called twice. A traceable model
+    normkit's, ``SyncBatchNorm`` and the ``FrozenBatchNorm*d`` of :func:`normkit.tools.freeze` included), and neither
+    module carries hooks nor is called twice. A traceable model
     (``torch.fx.symbolic_trace``) is analysed on its graph, so residual adds, concatenations and arbitrary
     ``forward`` code are handled; an untraceable one falls back to adjacent children of ``nn.Sequential``
     containers, and the report says so. The layer gains a bias if it had none, the batch norm becomes
@@ -149,6 +154,8 @@ def _names(model: nn.Module) -> dict[int, list[str]]:
 
 
 def _is_foldable_bn(module: nn.Module) -> bool:
+    if isinstance(module, FrozenBatchNorm):
+        return type(module).forward is FrozenBatchNorm.forward
     return isinstance(module, _BatchNorm) and type(module).forward in _PLAIN_FORWARDS
 
 
@@ -156,12 +163,12 @@ def _why_not(layer: nn.Module, bn: nn.Module, names: dict[int, list[str]]) -> st
     """Why ``bn`` cannot fold into ``layer`` (that feeds only it), or ``None`` when it can."""
     if type(layer) not in _LAYERS:
         return f"its input comes from {type(layer).__name__}, not a Conv, ConvTranspose or Linear"
-    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+    if not getattr(bn, "track_running_stats", True) or bn.running_mean is None or bn.running_var is None:
         return "it does not track running statistics (it normalizes with batch statistics even in eval)"
     channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     if channels != bn.num_features:
         return f"{type(layer).__name__} gives {channels} channels but the batch norm has {bn.num_features}"
-    if isinstance(layer, nn.Linear) and not isinstance(bn, nn.BatchNorm1d):
+    if isinstance(layer, nn.Linear) and not isinstance(bn, (nn.BatchNorm1d, FrozenBatchNorm1d)):
         return "a Linear folds only into a BatchNorm1d"
     for module, what in ((layer, "layer"), (bn, "batch norm")):
         if module._forward_hooks or module._forward_pre_hooks or getattr(module, "_backward_hooks", None):
@@ -175,7 +182,7 @@ class _Tracer(torch.fx.Tracer):
     """Stops at batch norms and foldable layers (normkit's classes live outside ``torch.nn``)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (_BatchNorm, *_LAYERS)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (*_NORMS, *_LAYERS)) or super().is_leaf_module(m, qualname)
 
 
 def _pairs_from_graph(model: nn.Module, names: dict[int, list[str]]):
@@ -194,7 +201,7 @@ def _pairs_from_graph(model: nn.Module, names: dict[int, list[str]]):
         if node.op != "call_module":
             continue
         bn = model.get_submodule(node.target)
-        if not isinstance(bn, _BatchNorm):
+        if not isinstance(bn, _NORMS):
             continue
         seen.add(id(bn))
         reason = _graph_reason(model, node, calls, touched, names)
@@ -203,7 +210,7 @@ def _pairs_from_graph(model: nn.Module, names: dict[int, list[str]]):
         elif (node.target, reason) not in kept:
             kept.append((node.target, reason))
     for name, module in model.named_modules():
-        if isinstance(module, _BatchNorm) and id(module) not in seen:
+        if isinstance(module, _NORMS) and id(module) not in seen:
             kept.append((name, "it is not called in the traced forward"))
     return pairs, kept
 
@@ -236,7 +243,7 @@ def _pairs_from_sequentials(model: nn.Module, names: dict[int, list[str]]):
             continue
         children = list(parent.named_children())
         for (layer_name, layer), (bn_name, bn) in zip(children, children[1:], strict=False):
-            if not isinstance(bn, _BatchNorm) or type(layer) not in _LAYERS:
+            if not isinstance(bn, _NORMS) or type(layer) not in _LAYERS:
                 continue
             full = f"{parent_name}.{bn_name}" if parent_name else bn_name
             reason = ("it is not a plain batch norm" if not _is_foldable_bn(bn) else _why_not(layer, bn, names))
@@ -247,14 +254,14 @@ def _pairs_from_sequentials(model: nn.Module, names: dict[int, list[str]]):
                 kept.append((full, reason))
     listed = {name for name, _ in kept}
     for name, module in model.named_modules():
-        if isinstance(module, _BatchNorm) and id(module) not in paired and name not in listed:
+        if isinstance(module, _NORMS) and id(module) not in paired and name not in listed:
             kept.append((name, "the model could not be traced and this batch norm does not directly follow a "
                                "Conv/ConvTranspose/Linear inside an nn.Sequential"))
     return pairs, kept
 
 
 @torch.no_grad()
-def _fold_into(layer: nn.Module, bn: _BatchNorm) -> None:
+def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
     """Fold ``bn``'s eval affine map into ``layer``'s weight and bias, in place (float64 arithmetic)."""
     wide = torch.float64
     scale = torch.rsqrt(bn.running_var.to(wide) + bn.eps)
