@@ -19,10 +19,11 @@ SHAPES = {1: (4, 64, 5), 2: (4, 64, 3, 3), 3: (2, 64, 2, 2, 2)}
     ("bn-biased", lambda d: getattr(normkit.nn, f"BatchNorm{d}d")),
     ("frozen", lambda d: getattr(normkit.nn, f"FrozenBatchNorm{d}d")),
     ("sync", lambda d: normkit.nn.SyncBatchNorm),
-    ("gn32", lambda d: torch.nn.GroupNorm),
-    ("gn/16", lambda d: torch.nn.GroupNorm),
-    ("ln", lambda d: torch.nn.GroupNorm),
-    ("in", lambda d: getattr(torch.nn, f"InstanceNorm{d}d")),
+    ("gn32", lambda d: normkit.nn.GroupNorm),
+    ("gn/16", lambda d: normkit.nn.GroupNorm),
+    ("ln", lambda d: normkit.nn.GroupNorm),
+    ("in", lambda d: getattr(normkit.nn, f"InstanceNorm{d}d")),
+    ("ghost16", lambda d: getattr(normkit.nn, f"GhostBatchNorm{d}d")),
     ("none", lambda d: torch.nn.Identity),
 ])
 def test_each_spec_builds_its_module_and_runs(spec, expected, dim):
@@ -64,12 +65,15 @@ def test_group_counts_that_do_not_divide_name_c_and_the_fix(spec, channels, fix)
     assert fix in str(info.value) and spec in str(info.value)
 
 
-@pytest.mark.parametrize(("spec", "module"), [("brn", "BatchRenorm"), ("ghost32", "GhostBatchNorm"),
-                                              ("cbn", "CrossIterationBatchNorm")])
-def test_issue_3_specs_are_not_built_yet(spec, module):
-    with pytest.raises(NotImplementedError, match=r"issue 3 \(normalization family\)") as info:
-        norm_layer(spec, 8)
-    assert repr(spec) in str(info.value) and module in str(info.value)
+@pytest.mark.parametrize(("spec", "module"), [("brn", "BatchRenorm2d"), ("ghost32", "GhostBatchNorm2d"),
+                                              ("cbn", "CrossIterationBatchNorm2d")])
+def test_family_specs_build_batch_norms(spec, module):
+    layer = norm_layer(spec, 8)
+    assert type(layer).__name__ == module and isinstance(layer, torch.nn.BatchNorm2d)
+    if spec == "ghost32":
+        assert layer.virtual_batch_size == 32
+    with pytest.raises(ValueError, match="dim=2"):
+        norm_layer("cbn", 8, dim=1)
 
 
 @pytest.mark.parametrize("spec", ["batchnorm", "GN32", "gn", "gn/", "ghost", "bn_biased", "", None, 32])

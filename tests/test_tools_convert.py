@@ -181,15 +181,18 @@ def test_sync_refuses_an_uninitialized_lazy_batch_norm():
         normkit.tools.sync(torch.nn.Sequential(torch.nn.LazyBatchNorm2d()))
 
 
-@pytest.mark.parametrize("spec", ["brn", "ghost32", "cbn"])
-def test_norm_layer_specs_of_issue_3_are_not_built_yet_and_change_nothing(spec):
-    model = _model()
-    before = snapshot(model)
-    with pytest.raises(NotImplementedError, match=r"issue 3 \(normalization family\)") as info:
-        normkit.tools.convert(model, spec)
-    assert repr(spec) in str(info.value)
-    assert type(model[1]) is torch.nn.BatchNorm2d
-    assert snapshot(model).keys() == before.keys()
+@pytest.mark.parametrize(("spec", "name"), [("brn", "BatchRenorm2d"), ("ghost2", "GhostBatchNorm2d"),
+                                             ("cbn", "CrossIterationBatchNorm2d")])
+def test_family_specs_carry_parameters_and_statistics(spec, name):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    bn = model[1]
+    with torch.no_grad():
+        bn.running_mean.uniform_()
+    new = normkit.tools.convert(model, spec)[1]
+    assert type(new).__name__ == name
+    assert new.weight is bn.weight and new.bias is bn.bias
+    assert new.running_mean is bn.running_mean and new.running_var is bn.running_var
+    assert new.training == bn.training
 
 
 def test_unknown_target_and_stray_options():
@@ -227,7 +230,7 @@ def test_convert_to_group_norm_carries_the_affine_parameters_and_eps(spec, group
     converted = normkit.tools.convert(model, spec)
     assert converted is model and model[4] is kept and not model.training
     new = [model[1], model[3][1], model[8]]
-    assert all(type(m) is torch.nn.GroupNorm for m in new)
+    assert all(type(m) is normkit.nn.GroupNorm for m in new)
     assert tuple(m.num_groups for m in new) == groups
     for m, (weight, bias) in zip(new, weights, strict=True):
         assert m.weight is weight and m.bias is bias and m.eps == 1e-3 and not m.training
@@ -257,7 +260,7 @@ def test_convert_to_instance_norm_picks_the_rank(source):
     bn = source(8)
     converted = normkit.tools.convert(bn, "in")
     rank = source.__name__[-2]
-    assert type(converted) is getattr(torch.nn, f"InstanceNorm{rank}d")
+    assert type(converted) is getattr(normkit.nn, f"InstanceNorm{rank}d")
     assert converted.weight is bn.weight and converted.affine and not converted.track_running_stats
 
 
@@ -299,14 +302,14 @@ def test_convert_from_frozen_and_from_sync_layers():
     bn = normkit.tools.convert(frozen, "bn")
     assert type(bn) is nk.BatchNorm2d and bn.momentum == 0.3 and bn.weight.requires_grad
     gn = normkit.tools.convert(normkit.tools.freeze(torch.nn.BatchNorm1d(32)), "gn32")
-    assert type(gn) is torch.nn.GroupNorm and isinstance(gn.weight, torch.nn.Parameter)
+    assert type(gn) is normkit.nn.GroupNorm and isinstance(gn.weight, torch.nn.Parameter)
     sync = torch.nn.SyncBatchNorm(8)
     with pytest.raises(ValueError, match="Pass dim=1, 2 or 3"):
         normkit.tools.convert(sync, "bn")
     assert type(normkit.tools.convert(sync, "bn", dim=3)) is nk.BatchNorm3d
     assert type(normkit.tools.convert(sync, "frozen")) is nk.FrozenBatchNorm
     assert type(normkit.tools.convert(sync, "frozen", dim=2)) is nk.FrozenBatchNorm2d
-    assert type(normkit.tools.convert(sync, "gn/4")) is torch.nn.GroupNorm
+    assert type(normkit.tools.convert(sync, "gn/4")) is normkit.nn.GroupNorm
 
 
 def test_convert_to_none_removes_batch_norms():

@@ -8,19 +8,24 @@ from dataclasses import dataclass
 
 import torch
 
+from .batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .cross_iteration import CrossIterationBatchNorm2d
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from .normalization import GroupNorm
 from .syncbatchnorm import SyncBatchNorm
 
 GRAMMAR = ("'bn', 'bn-biased', 'frozen', 'sync', 'gnG' (G groups, e.g. 'gn32'), 'gn/K' (K channels per group, "
            "e.g. 'gn/16'), 'ln', 'in', 'brn', 'ghostB' (virtual batch size B, e.g. 'ghost32'), 'cbn', 'none'")
 _EXAMPLES = ("bn", "bn-biased", "frozen", "sync", "gn32", "gn/16", "ln", "in", "brn", "ghost32", "cbn", "none")
 _PATTERN = re.compile(r"^(?:(bn|bn-biased|frozen|sync|ln|in|brn|cbn|none)|gn(\d+)|gn/(\d+)|ghost(\d+))$")
-# Specs of the normalization family whose modules are built in issue 3.
-_ISSUE_3 = {"brn": "BatchRenorm{d}d", "ghost": "GhostBatchNorm{d}d", "cbn": "CrossIterationBatchNorm2d"}
 BATCH_NORMS = {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}
 FROZEN = {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d}
-_INSTANCE_NORMS = {1: torch.nn.InstanceNorm1d, 2: torch.nn.InstanceNorm2d, 3: torch.nn.InstanceNorm3d}
+_INSTANCE_NORMS = {1: InstanceNorm1d, 2: InstanceNorm2d, 3: InstanceNorm3d}
+_RENORMS = {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d}
+_GHOSTS = {1: GhostBatchNorm1d, 2: GhostBatchNorm2d, 3: GhostBatchNorm3d}
 
 
 @dataclass(frozen=True)
@@ -53,16 +58,6 @@ def unknown(spec, caller: str, what: str = "spec", also: str = "") -> ValueError
     close = difflib.get_close_matches(spec.lower(), _EXAMPLES, n=1) if isinstance(spec, str) else []
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return ValueError(f"{caller}: unknown {what} {spec!r}; expected {also}a norm_layer spec: {GRAMMAR}.{hint}")
-
-
-def require_built(spec: Spec, caller: str) -> None:
-    """Raise ``NotImplementedError`` for the specs of issue 3, whose modules do not exist yet."""
-    if spec.kind in _ISSUE_3:
-        module = _ISSUE_3[spec.kind].format(d="1/2/3")
-        raise NotImplementedError(
-            f"{caller}: spec {spec.text!r} ({module}) is not built yet: it belongs to issue 3 (normalization "
-            "family). Available now: 'bn', 'bn-biased', 'frozen', 'sync', 'gnG', 'gn/K', 'ln', 'in', 'none'."
-        )
 
 
 def groups(spec: Spec, num_features: int, context: str = "", after: str = "") -> int:
@@ -99,20 +94,20 @@ def norm_layer(spec: str, num_features: int, *, dim: int = 2, **kwargs) -> torch
     ``"bn-biased"``       :class:`normkit.nn.BatchNorm{dim}d` ``(C, running_var="biased")`` (Keras, Flax)
     ``"frozen"``          :class:`normkit.nn.FrozenBatchNorm{dim}d` ``(C)``
     ``"sync"``            :class:`normkit.nn.SyncBatchNorm` ``(C)``
-    ``"gnG"``             ``torch.nn.GroupNorm(G, C)``: ``"gn32"`` is the GN paper's 32 groups
-    ``"gn/K"``            ``torch.nn.GroupNorm(C // K, C)``: ``K`` channels per group (``"gn/16"``)
-    ``"ln"``              ``torch.nn.GroupNorm(1, C)``: normalizes each sample over :math:`(C, *)`, the
+    ``"gnG"``             :class:`normkit.nn.GroupNorm` ``(G, C)``: ``"gn32"`` is the GN paper's 32 groups
+    ``"gn/K"``            :class:`normkit.nn.GroupNorm` ``(C // K, C)``: ``K`` channels per group (``"gn/16"``)
+    ``"ln"``              :class:`normkit.nn.GroupNorm` ``(1, C)``: normalizes each sample over :math:`(C, *)`, the
                           GN paper's LayerNorm; on an :math:`(N, C)` input it equals ``LayerNorm(C)``
                           (not ConvNeXt's ``LayerNorm2d``, which normalizes over :math:`C` per position)
-    ``"in"``              ``torch.nn.InstanceNorm{dim}d(C, affine=True)``
+    ``"in"``              :class:`normkit.nn.InstanceNorm{dim}d` ``(C, affine=True)``
     ``"none"``            ``torch.nn.Identity()`` (``kwargs`` are ignored)
-    ``"brn"``,            BatchRenorm, GhostBatchNorm, CrossIterationBatchNorm: issue 3 (normalization
-    ``"ghostB"``,         family), ``NotImplementedError`` until then
-    ``"cbn"``
+    ``"brn"``             :class:`normkit.nn.BatchRenorm{dim}d` ``(C)`` (Ioffe 2017, the paper's schedule)
+    ``"ghostB"``          :class:`normkit.nn.GhostBatchNorm{dim}d` ``(C, B)``: ghost batches of ``B`` samples
+    ``"cbn"``             :class:`normkit.nn.CrossIterationBatchNorm2d` ``(C)`` (``dim=2`` only); bind the
+                          preceding layer with ``.bind(conv)`` before training with a window above 1
     ====================  ==============================================================================
 
-    GroupNorm and InstanceNorm are torch's classes until normkit's drop-ins of them (issue 3) land; the
-    grammar will then return those, with the same arguments and state_dict.
+    normkit's GroupNorm and InstanceNorm subclass torch's: same arguments, repr and state_dict.
 
     .. math::
         y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
@@ -144,7 +139,6 @@ def norm_layer(spec: str, num_features: int, *, dim: int = 2, **kwargs) -> torch
     if dim not in (1, 2, 3) or isinstance(dim, bool):
         raise ValueError(f"norm_layer({spec!r}, ...): dim must be 1, 2 or 3 (the BatchNorm1d/2d/3d rank), got "
                          f"{dim!r}.")
-    require_built(parsed, "norm_layer")
     kind = parsed.kind
     if kind == "none":
         return torch.nn.Identity()
@@ -158,7 +152,16 @@ def norm_layer(spec: str, num_features: int, *, dim: int = 2, **kwargs) -> torch
         return SyncBatchNorm(num_features, **kwargs)
     if kind == "in":
         return _INSTANCE_NORMS[dim](num_features, **{"affine": True, **kwargs})
-    return torch.nn.GroupNorm(groups(parsed, num_features), num_features, **kwargs)
+    if kind == "brn":
+        return _RENORMS[dim](num_features, **kwargs)
+    if kind == "ghost":
+        return _GHOSTS[dim](num_features, parsed.number, **kwargs)
+    if kind == "cbn":
+        if dim != 2:
+            raise ValueError(f"norm_layer('cbn', {num_features}, dim={dim}): cross-iteration batch norm exists for "
+                             "images only (CrossIterationBatchNorm2d); use dim=2, or another spec such as 'bn'.")
+        return CrossIterationBatchNorm2d(num_features, **kwargs)
+    return GroupNorm(groups(parsed, num_features), num_features, **kwargs)
 
 
-__all__ = ["BATCH_NORMS", "FROZEN", "GRAMMAR", "Spec", "groups", "norm_layer", "parse", "require_built", "unknown"]
+__all__ = ["BATCH_NORMS", "FROZEN", "GRAMMAR", "Spec", "groups", "norm_layer", "parse", "unknown"]

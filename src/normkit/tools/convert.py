@@ -15,7 +15,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from .. import nn as nk
 from ..nn.frozen import FrozenBatchNorm, _default_config, _unfreeze, rank_of
-from ..nn.norm_layer import BATCH_NORMS, FROZEN, Spec, groups, norm_layer, parse, require_built, unknown
+from ..nn.norm_layer import BATCH_NORMS, FROZEN, Spec, groups, norm_layer, parse, unknown
 
 TORCH_BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
 NORMKIT_BATCH_NORMS = (nk.BatchNorm1d, nk.BatchNorm2d, nk.BatchNorm3d)
@@ -48,14 +48,15 @@ def convert(model: torch.nn.Module, to: str, **kwargs) -> torch.nn.Module:
     - ``"gnG"``, ``"gn/K"``, ``"ln"``, ``"in"``: the layer's ``weight`` and ``bias`` (the same Parameters, so an
       optimizer built before keeps training them), ``eps``, ``affine`` and ``bias=False``; the running
       statistics do not carry (these norms use the statistics of each sample);
+    - ``"brn"``, ``"ghostB"``, ``"cbn"``: batch norms themselves, so the parameters and the running statistics
+      carry (the same tensors); a ``"cbn"`` layer still needs ``.bind(conv)`` before it trains with a window;
     - ``"none"``: ``torch.nn.Identity()``.
 
     GroupNorm, LayerNorm and InstanceNorm layers already in the model are left alone. ``training`` is kept, a
     batch norm at the root returns the new layer, submodules are replaced in place, a layer shared between
     several places stays shared, and layers already of the target kind are kept. Everything is checked before
     anything changes: a spec that does not fit a layer (``"gn32"`` on 48 channels), an unknown spec, a batch
-    norm subclass normkit does not know (timm's ``BatchNormAct2d``), and the specs of issue 3 (``"brn"``,
-    ``"ghostB"``, ``"cbn"``, ``NotImplementedError``) raise and leave the model as it was.
+    norm subclass normkit does not know (timm's ``BatchNormAct2d``) raise and leave the model as it was.
 
     Args:
         model: any module.
@@ -99,7 +100,6 @@ def convert(model: torch.nn.Module, to: str, **kwargs) -> torch.nn.Module:
     if spec is None:
         raise unknown(to, "convert", "target", "'sync', 'normkit', 'torch', or ")
     caller = f"convert(model, {to!r})"
-    require_built(spec, caller)
     dim = kwargs.pop("dim", None)
     if kwargs:
         raise TypeError(f"{caller} takes only the option dim (the rank of SyncBatchNorm and FrozenBatchNorm layers), "
@@ -186,6 +186,10 @@ def _to_spec(module: torch.nn.Module, spec: Spec, dim: int | None) -> torch.nn.M
             new.weight = weight
             if has_bias:
                 new.bias = bias
+        if isinstance(new, _BatchNorm) and new.running_mean is not None:  # brn, ghost, cbn: statistics carry
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                if getattr(module, name, None) is not None:
+                    setattr(new, name, getattr(module, name))
     new.training = module.training
     return new
 

@@ -1,0 +1,81 @@
+"""``normkit.functional.group_norm``: torch's signature and errors; statistics per (sample, group of channels)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _checks
+from ._rownorm import Spec, run
+
+
+def group_norm(
+    input: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    r"""Group normalization: statistics over each sample's group of ``C // num_groups`` channels and all positions.
+
+    .. math::
+        y = \frac{x - \mathrm{E}_g[x]}{\sqrt{\mathrm{Var}_g[x] + \epsilon}} \cdot \gamma + \beta
+
+    Same positional signature, defaults and errors as :func:`torch.nn.functional.group_norm` (Wu & He, 2018).
+    Statistics are two-pass and taken in at least float32; a channels_last input gives a channels_last output.
+
+    Args:
+        input: ``(N, C, *)`` tensor.
+        num_groups: number of groups; must divide ``C``.
+        weight, bias: ``(C,)`` per-channel affine parameters :math:`\gamma`, :math:`\beta`, or ``None``.
+            Default: ``None``.
+        eps: added to the variance inside the square root. Default: ``1e-5``.
+        backend: ``"cpu"`` (default: the fastest measured path) or ``"reference"`` (the composition).
+
+    Shape:
+        - Input: :math:`(N, C, *)`. Output: same shape, dtype and memory format.
+
+    Examples::
+
+        >>> import torch
+        >>> from normkit.functional.group_norm import group_norm
+        >>> x = torch.tensor([[[1.0], [3.0], [10.0], [30.0]]])
+        >>> group_norm(x, 2).flatten()
+        tensor([-1.0000,  1.0000, -1.0000,  1.0000])
+    """
+    _checks.require_floating(input, "group_norm")
+    if input.dim() < 2:
+        raise RuntimeError(
+            f"Expected at least 2 dimensions for input tensor but received {input.dim()}; group_norm needs an "
+            "(N, C, *) input. Add a batch dimension, e.g. input.unsqueeze(0)."
+        )
+    n, c = input.shape[0], input.shape[1]
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups <= 0:
+        raise ValueError(f"group_norm: num_groups must be a positive int, got {num_groups!r}.")
+    if c % num_groups != 0:
+        raise RuntimeError(
+            f"Expected number of channels in input to be divisible by num_groups, but got input of shape "
+            f"{list(input.shape)} and num_groups={num_groups}. Pick a num_groups that divides {c} "
+            f"(e.g. {math.gcd(c, num_groups)})."
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.numel() != c:
+            raise RuntimeError(
+                f"Expected {name} to be a vector of size equal to the number of channels in input, but got {name} "
+                f"of shape {list(t.shape)} and input of shape {list(input.shape)}. Pass a ({c},) {name}."
+            )
+    spatial = math.prod(input.shape[2:])
+    if n * c // num_groups * spatial == 1:  # torch's _verify_batch_size([N * C // G, G, *spatial])
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size "
+            f"{torch.Size([n * c // num_groups, num_groups, *input.shape[2:]])}; a group of one value has no "
+            "variance. Use fewer groups or a larger input."
+        )
+    rest = tuple(input.shape[2:])
+    k = c // num_groups
+    spec = Spec("group_norm", (n, num_groups, k, *rest), tuple(range(2, input.dim() + 1)),
+                (1, num_groups, k) + (1,) * len(rest), (c,), num_groups)
+    return run(input, weight, bias, spec, eps, backend=backend)[0]

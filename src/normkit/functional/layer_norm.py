@@ -1,0 +1,70 @@
+"""``normkit.functional.layer_norm``: torch's signature and errors; statistics over the trailing dimensions."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from . import _checks
+from ._rownorm import Spec, run
+
+
+def layer_norm(
+    input: torch.Tensor,
+    normalized_shape: int | list[int] | tuple[int, ...] | torch.Size,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    r"""Layer normalization: statistics over the last ``len(normalized_shape)`` dimensions of each sample.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    Same positional signature, defaults and errors as :func:`torch.nn.functional.layer_norm` (Ba et al., 2016).
+    Statistics are two-pass and taken in at least float32.
+
+    Args:
+        input: ``(*, *normalized_shape)`` tensor.
+        normalized_shape: the trailing shape to normalize over (an int means one dimension).
+        weight, bias: elementwise affine parameters of shape ``normalized_shape``, or ``None``. Default: ``None``.
+        eps: added to the variance inside the square root. Default: ``1e-5``.
+        backend: ``"cpu"`` (default: the fastest measured path) or ``"reference"`` (the composition).
+
+    Shape:
+        - Input: :math:`(*, \text{normalized\_shape})`. Output: same shape and dtype.
+
+    Examples::
+
+        >>> import torch
+        >>> from normkit.functional.layer_norm import layer_norm
+        >>> layer_norm(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), 4)
+        tensor([[-1.3416, -0.4472,  0.4472,  1.3416]])
+    """
+    _checks.require_floating(input, "layer_norm")
+    shape = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) else tuple(normalized_shape)
+    k = len(shape)
+    if k == 0 or any(not isinstance(s, numbers.Integral) or s <= 0 for s in shape):
+        raise RuntimeError(
+            f"Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one positive "
+            f"element, but got normalized_shape = {list(shape)}. Pass e.g. normalized_shape={input.shape[-1]}."
+        )
+    shape = tuple(int(s) for s in shape)
+    if input.dim() < k or tuple(input.shape[input.dim() - k:]) != shape:
+        raise RuntimeError(
+            f"Given normalized_shape={list(shape)}, expected input with shape [*, {', '.join(map(str, shape))}], "
+            f"but got input of size{list(input.shape)}. normalized_shape must equal the input's trailing "
+            f"dimensions, e.g. normalized_shape={list(input.shape[-k:]) if input.dim() else []}."
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != shape:
+            raise RuntimeError(
+                f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
+                f"{list(t.shape)} and normalized_shape = {list(shape)}. Pass a {name} of shape {shape}."
+            )
+    lead = input.dim() - k
+    spec = Spec("layer_norm", tuple(input.shape), tuple(range(lead, input.dim())), (1,) * lead + shape, shape)
+    return run(input, weight, bias, spec, eps, backend=backend)[0]
