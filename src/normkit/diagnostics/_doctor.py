@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from ..nn.normalization import GroupNorm
 from ._report import SEVERITIES, Finding, Report
 
 #: Rule ids (contract) with their default severity and a one-line description.
@@ -71,7 +72,7 @@ def doctor(model: nn.Module, example_input=None, *, mode: str | None = None, fix
             a following BN cancels (its value moves into ``running_mean``, so outputs stay the same; rebuild
             the optimizer afterwards), and ``.eval()`` the BNs found in training mode for inference.
         convert_small_batch: with ``fix=True``, also replace each BN that saw a batch under 8 (and spatial
-            inputs) by ``torch.nn.GroupNorm`` with γ/β copied. This changes what the model computes.
+            inputs) by ``normkit.nn.GroupNorm`` with γ/β copied. This changes what the model computes.
         world_size: the number of data-parallel replicas; default: ``torch.distributed``'s world size when it
             is initialized, else 1. Used by ``sync-bn-missing``.
 
@@ -331,8 +332,9 @@ def _rule_small_batch(work, names, mode, graph, trace, world_size):
         channels = bn.num_features
         groups = _group_count(channels)
         per_replica = f" per replica ({world_size} replicas)" if world_size > 1 else ""
+        channel_rank = max(1, len(calls[0].shape) - 2)
         if len(calls[0].shape) > 2:
-            norm = (f"torch.nn.GroupNorm({groups}, {channels}) ({groups} group(s): the largest of 32/16/8/4/2/1 "
+            norm = (f"normkit.nn.GroupNorm({groups}, {channels}) ({groups} group(s): the largest of 32/16/8/4/2/1 "
                     f"dividing {channels}; fix=True, convert_small_batch=True converts it)")
         else:  # (N, C) features: GroupNorm over a few features of one sample is not a remedy
             norm = f"torch.nn.LayerNorm({channels}) (the input is (N, C) features)"
@@ -340,7 +342,8 @@ def _rule_small_batch(work, names, mode, graph, trace, world_size):
             "small-batch", name,
             f"a batch of {batch}{per_replica} reaches this BN in training (input {tuple(calls[0].shape)}); batch "
             f"statistics from fewer than {MIN_BATCH} samples are noisy and the running statistics drift from them.",
-            f"use {norm}, a larger batch, or normkit.SyncBatchNorm when the batch is split over devices",
+            f"use {norm}, normkit.nn.BatchRenorm{channel_rank}d, a larger batch, or normkit.SyncBatchNorm when the "
+            "batch is split over devices",
         )
 
 
@@ -614,7 +617,7 @@ def _to_group_norm(model: nn.Module, bn_name: str, trace: _Trace | None) -> str 
         return None  # the root, or (N, C) features: GroupNorm over a few channels of one sample is not a fix
     bn = model.get_submodule(bn_name)
     groups = _group_count(bn.num_features)
-    gn = nn.GroupNorm(groups, bn.num_features, eps=bn.eps, affine=bn.affine)
+    gn = GroupNorm(groups, bn.num_features, eps=bn.eps, affine=bn.affine)
     if bn.affine:
         with torch.no_grad():
             gn.weight.copy_(bn.weight)
