@@ -103,12 +103,11 @@ class _BatchRenormMixin:
                                         float(self.momentum), self.renorm_momentum, self.eps, rmin=1.0 / rmax,
                                         rmax=rmax, dmax=dmax)
         else:
-            uses_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-            passes_buffers = not self.training or self.track_running_stats
+            running_mean, running_var, uses_batch_stats = self._buffers_for_call()
             output = batch_renorm(
                 input,
-                self.running_mean if passes_buffers else None,
-                self.running_var if passes_buffers else None,
+                running_mean,
+                running_var,
                 self.weight,
                 self.bias,
                 uses_batch_stats,

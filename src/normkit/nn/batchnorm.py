@@ -39,22 +39,24 @@ class _BatchNormMixin:
     def _tracks_this_call(self) -> bool:
         return self.training and self.track_running_stats and self.num_batches_tracked is not None
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
+    def _buffers_for_call(self) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
+        """torch's rules: ``(running_mean, running_var, uses_batch_stats)`` for this call.
+
+        Batch statistics normalize in training, or in eval without buffers; the buffers are passed only where eval
+        reads them or training tracks them (so flipping ``track_running_stats`` off stops updates, as in torch).
+        """
         uses_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         passes_buffers = not self.training or self.track_running_stats
-        output = batch_norm(
-            input,
-            self.running_mean if passes_buffers else None,
-            self.running_var if passes_buffers else None,
-            self.weight,
-            self.bias,
-            uses_batch_stats,
-            self._ema_factor(),
-            self.eps,
-            running_var_mode=self.running_var_mode,
-            nonfinite=self.nonfinite,
-        )
+        if not passes_buffers:
+            return None, None, uses_batch_stats
+        return self.running_mean, self.running_var, uses_batch_stats
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        running_mean, running_var, uses_batch_stats = self._buffers_for_call()
+        output = batch_norm(input, running_mean, running_var, self.weight, self.bias, uses_batch_stats,
+                            self._ema_factor(), self.eps, running_var_mode=self.running_var_mode,
+                            nonfinite=self.nonfinite)
         if self._tracks_this_call():  # only after a call that succeeded: a failed call changes nothing
             self.num_batches_tracked.add_(1)
         return output

@@ -154,10 +154,7 @@ class _BatchNormActMixin:
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input_dim(input)
         self._check_residual(input, residual)
-        uses_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        passes_buffers = not self.training or self.track_running_stats
-        running_mean = self.running_mean if passes_buffers else None
-        running_var = self.running_var if passes_buffers else None
+        running_mean, running_var, uses_batch_stats = self._buffers_for_call()
         momentum = self._ema_factor()
         channel = reference.validate_batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                                 uses_batch_stats, momentum, self.eps, self.running_var_mode, 1,

@@ -29,8 +29,7 @@ class _GhostMixin:
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        uses_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        passes_buffers = not self.training or self.track_running_stats
+        running_mean, running_var, uses_batch_stats = self._buffers_for_call()
         tracks = self._tracks_this_call()
         updates = self._updates_this_call(input.shape[0]) if uses_batch_stats else 1
         if self.momentum is not None:
@@ -42,8 +41,8 @@ class _GhostMixin:
             momentum = [0.0] * updates
         output = _ghost_batch_norm(
             input,
-            self.running_mean if passes_buffers else None,
-            self.running_var if passes_buffers else None,
+            running_mean,
+            running_var,
             self.weight,
             self.bias,
             uses_batch_stats,
