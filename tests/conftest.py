@@ -1,10 +1,18 @@
-"""Shared pytest set-up: hypothesis draws a fixed set of examples in CI (``CI`` set), fresh ones elsewhere."""
+"""Shared pytest set-up.
+
+Hypothesis draws a fixed set of examples in CI (``CI`` set), fresh ones elsewhere. Without a GPU the Triton
+kernels run under Triton's interpreter, which must be switched on before any kernel is decorated.
+"""
 
 from __future__ import annotations
 
 import os
 
+import torch
 from hypothesis import settings
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("dev", deadline=None, print_blob=True)
