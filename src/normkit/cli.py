@@ -1,4 +1,4 @@
-"""The ``normkit`` command: ``normkit demo``, ``normkit doctor TARGET`` and ``normkit --version``."""
+"""The ``normkit`` command: ``normkit demo``, ``normkit experiment NAME``, ``normkit doctor TARGET``, ``--version``."""
 
 from __future__ import annotations
 
@@ -60,6 +60,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what the model is checked for (default: its own training flag)")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     doctor.set_defaults(handler=_doctor)
+
+    from .experiments._harness import EXPERIMENTS, MIN_SEEDS
+
+    experiment = commands.add_parser(
+        "experiment",
+        help="rerun one of the article's claims on real data (or 'all'): JSON, PNG and markdown per experiment",
+        description="Run one experiment (or all of them) over several seeds and write NAME.json (every number and "
+        "the exact configuration), NAME.png and NAME.md into --out. Experiments: " + ", ".join(EXPERIMENTS) + ".",
+    )
+    experiment.add_argument("name", metavar="NAME", choices=(*EXPERIMENTS, "all"),
+                            help="one of " + ", ".join(EXPERIMENTS) + ", or all")
+    experiment.add_argument("--quick", action="store_true", help="tiny step counts and sweeps (seconds, for CI)")
+    experiment.add_argument("--seeds", type=_positive_int, default=MIN_SEEDS,
+                            help=f"seeds per arm (default: {MIN_SEEDS}); tables show mean ± std over them")
+    experiment.add_argument("--first-seed", type=int, default=0, help="the first seed (default: 0)")
+    experiment.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
+                            help="where NAME.json, NAME.png and NAME.md go (default: the current directory)")
+    experiment.add_argument("--report", type=Path, metavar="PATH",
+                            help="also write one combined markdown report (e.g. docs/RESULTS.md)")
+    experiment.set_defaults(handler=_experiment)
     return parser
 
 
@@ -229,6 +249,39 @@ def _ratio_text(result: dict) -> str:
     if result["ratio_lower_bound"] is not None:
         return f"> {result['ratio_lower_bound']:.0f}x"
     return "n/a"
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    import time
+
+    from rich.console import Console
+    from rich.markdown import Markdown
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .experiments._harness import EXPERIMENTS, Settings, report, run_experiment, write
+
+    console = Console()
+    names = EXPERIMENTS if args.name == "all" else (args.name,)
+    seeds = tuple(range(args.first_seed, args.first_seed + args.seeds))
+    if args.seeds < 3 and not args.quick:
+        console.print(f"note: {args.seeds} seed(s); conclusions need at least 3 (--seeds 3).", style="yellow")
+    columns = (TextColumn("{task.description:>28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    results, start = [], time.perf_counter()
+    for name in names:
+        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+            def progress(description: str, total: int, _bar=bar, _name=name):
+                task = _bar.add_task(f"{_name}: {description}", total=total)
+                return lambda done: _bar.update(task, completed=done)
+
+            result = run_experiment(name, Settings(quick=args.quick, seeds=seeds, progress=progress))
+        paths = write(result, args.out)
+        results.append(result)
+        console.print(Markdown(paths["md"].read_text()))
+        console.print(f"wrote {paths['json']}, {paths['png']}, {paths['md']}", style="dim")
+    if args.report is not None:
+        report(results, args.out, args.report, time.perf_counter() - start)
+        console.print(f"wrote {args.report}", style="dim")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
