@@ -16,12 +16,15 @@ class Split:
         y_train: ``(N_train,)`` int64 class labels.
         x_test: ``(N_test, D)`` float32 features.
         y_test: ``(N_test,)`` int64 class labels.
+        image_shape: ``(H, W)`` when each row of ``x`` is a flattened image (``(8, 8)`` for the digits), ``None``
+            for other data (MNIST-1D).
     """
 
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    image_shape: tuple[int, ...] | None = None
 
     @property
     def num_features(self) -> int:
@@ -45,7 +48,7 @@ def load_digits(test_size: int = 450, seed: int = 0) -> Split:
         seed: seed of the split; the same seed always gives the same split.
 
     Returns:
-        A :class:`Split` with 64 features per example and labels in ``0..9``.
+        A :class:`Split` with 64 features per example, labels in ``0..9`` and ``image_shape=(8, 8)``.
 
     Examples:
         >>> split = load_digits()
@@ -71,4 +74,5 @@ def load_digits(test_size: int = 450, seed: int = 0) -> Split:
         y_train=torch.as_tensor(y_train, dtype=torch.int64),
         x_test=torch.as_tensor(x_test / 16.0, dtype=torch.float32),
         y_test=torch.as_tensor(y_test, dtype=torch.int64),
+        image_shape=(8, 8),
     )

@@ -19,7 +19,7 @@ TITLE = "steps to a target accuracy, with and without batch norm"
 CLAIM = ("Batch norm trains faster: the same network reaches the same accuracy in far fewer steps (the original paper: "
          "14x fewer on ImageNet).")
 ARMS = {"none": "without BN", "bn": "with BN"}
-FULL = {"steps": 1200, "eval_every": 20}
+FULL = {"steps": 2000, "eval_every": 25}
 QUICK = {"steps": 30, "eval_every": 10}
 CONFIG = {"dataset": "sklearn digits 8x8 (1347 train / 450 test), pixels / 16", "channels": [16, 32],
           "model": "conv3x3(16) -> [BN] -> ReLU -> conv3x3 stride 2 (32) -> [BN] -> ReLU -> global avg pool -> linear",
