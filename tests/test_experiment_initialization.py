@@ -1,0 +1,95 @@
+"""``normkit experiment initialization``: the quick run's files, determinism, and the logic behind its verdict."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from normkit.experiments import _sweep, initialization
+from normkit.experiments._harness import Settings, run_experiment, write
+from normkit.experiments._training import cnn, mean_std, mlp
+
+SEEDS = (0, 1)
+VOLATILE = ("elapsed_s", "machine", "date")
+
+
+@pytest.fixture(scope="module")
+def quick_result():
+    return run_experiment("initialization", Settings(quick=True, seeds=SEEDS))
+
+
+def test_quick_run_writes_json_png_and_markdown(quick_result, tmp_path):
+    paths = write(quick_result, tmp_path)
+    data = json.loads(paths["json"].read_text())
+    for key in ("schema", "name", "claim", "config", "table", "measured", "seeds", "machine"):
+        assert key in data
+    assert data["name"] == "initialization" and data["seeds"] == list(SEEDS)
+    columns = data["table"]["columns"]
+    assert all(len(row) == len(columns) for row in data["table"]["rows"])
+    assert len(data["table"]["rows"]) == len(data["config"]["values"])
+    for arm in _sweep.ARMS:
+        assert any(arm.label in column for column in columns)
+        assert len(data["runs"][arm.name]) == len(data["config"]["values"])
+        assert all(len(per_seed) == len(SEEDS) for per_seed in data["runs"][arm.name])
+        assert set(data["derived"][arm.name]) == {"trains", "decades", "best_scale", "best_final_accuracy"}
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data["measured"] in paths["md"].read_text()
+
+
+def test_same_seeds_give_the_same_numbers(quick_result):
+    again = run_experiment("initialization", Settings(quick=True, seeds=SEEDS))
+    strip = lambda result: {k: v for k, v in result.items() if k not in VOLATILE}  # noqa: E731
+    assert json.dumps(strip(again)) == json.dumps(strip(quick_result))
+
+
+def test_scale_weights_scales_every_linear_and_conv_weight_but_no_bias_or_norm():
+    for build in (lambda: mlp(64, 10, (8,), norm="bn", seed=3), lambda: cnn((8, 8), 10, (4, 8), norm="bn", seed=3)):
+        reference, scaled = build(), initialization.scale_weights(build(), 0.5)
+        for (name, before), after in zip(reference.named_parameters(), scaled.parameters(), strict=True):
+            is_weight = name.endswith("weight") and before.dim() > 1
+            assert torch.equal(after, 0.5 * before if is_weight else before), name
+
+
+def test_reliable_range_is_the_longest_contiguous_stretch():
+    values = [0.001, 0.01, 0.1, 1.0, 10.0, 100.0]
+    assert _sweep.reliable_range(values, [True, False, True, True, True, False]) == (0.1, 10.0)
+    assert _sweep.reliable_range(values, [True, True, False, True, True, False]) == (0.001, 0.01)  # tie: lower
+    assert _sweep.reliable_range(values, [False, False, False, False, False, True]) == (100.0, 100.0)
+    assert _sweep.reliable_range(values, [False] * 6) is None
+
+
+def _summary(reliable, acc=0.9):
+    return {"final_accuracy": mean_std([acc, acc]), "reliable": reliable}
+
+
+def test_derive_reports_the_range_its_width_and_the_best_scale():
+    values = [0.01, 0.1, 1.0, 10.0]
+    derived = initialization.derive(values, [_summary(False, 0.1), _summary(True, 0.95), _summary(True, 0.97),
+                                             _summary(True)])
+    assert derived["trains"] == [0.1, 10.0] and derived["decades"] == pytest.approx(2.0)
+    assert derived["best_scale"] == 1.0
+    assert initialization.derive(values, [_summary(False)] * 4)["trains"] is None
+
+
+def _arm(trains):
+    decades = None if trains is None else math.log10(trains[1] / trains[0])
+    return {"trains": trains, "decades": decades, "best_scale": 1.0, "best_final_accuracy": mean_std([0.9, 0.92])}
+
+
+@pytest.mark.parametrize(("plain", "bn", "expected"), [
+    ([0.3, 1.0], [0.01, 10.0], "wider range with BN, in line with the article"),
+    ([0.3, 1.0], [0.001, 10.0], "reaching the bottom of the sweep"),
+    ([0.1, 1.0], [1.0, 10.0], "equally wide range"),
+    ([0.01, 10.0], [0.3, 1.0], "narrower range with BN, contrary to the article"),
+    (None, [0.3, 1.0], "at no scale of the sweep without: a wider range with BN"),
+    ([0.3, 1.0], None, "at no scale of the sweep with BN"),
+    (None, None, "Neither arm trained at any scale of the sweep, so the data cannot test the claim"),
+])
+def test_measured_sentence_follows_the_numbers(plain, bn, expected):
+    values = [0.001, 0.01, 0.1, 1.0, 10.0, 30.0]
+    sentence = initialization.measured({"plain": _arm(plain), "batchnorm": _arm(bn)}, values)
+    assert expected in sentence
+    assert "0.910 ± 0.014 at scale 1" in sentence

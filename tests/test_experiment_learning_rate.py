@@ -1,0 +1,88 @@
+"""``normkit experiment learning-rate``: the quick run's files, determinism, and the logic behind its verdict."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from normkit.experiments import _sweep, learning_rate
+from normkit.experiments._harness import Settings, run_experiment, write
+from normkit.experiments._training import mean_std
+
+SEEDS = (0, 1)
+VOLATILE = ("elapsed_s", "machine", "date")
+
+
+@pytest.fixture(scope="module")
+def quick_result():
+    return run_experiment("learning-rate", Settings(quick=True, seeds=SEEDS))
+
+
+def test_quick_run_writes_json_png_and_markdown(quick_result, tmp_path):
+    paths = write(quick_result, tmp_path)
+    data = json.loads(paths["json"].read_text())
+    for key in ("schema", "name", "claim", "config", "table", "measured", "seeds", "machine"):
+        assert key in data
+    assert data["name"] == "learning-rate" and data["seeds"] == list(SEEDS)
+    columns = data["table"]["columns"]
+    assert all(len(row) == len(columns) for row in data["table"]["rows"])
+    assert len(data["table"]["rows"]) == len(data["config"]["values"])
+    for arm in _sweep.ARMS:
+        assert any(arm.label in column for column in columns)
+        assert len(data["runs"][arm.name]) == len(data["config"]["values"])
+        assert all(len(per_seed) == len(SEEDS) for per_seed in data["runs"][arm.name])
+        assert set(data["derived"][arm.name]) == {"highest_stable", "best_rate", "best_final_accuracy"}
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data["measured"] in paths["md"].read_text()
+
+
+def test_same_seeds_give_the_same_numbers(quick_result):
+    again = run_experiment("learning-rate", Settings(quick=True, seeds=SEEDS))
+    strip = lambda result: {k: v for k, v in result.items() if k not in VOLATILE}  # noqa: E731
+    assert json.dumps(strip(again)) == json.dumps(strip(quick_result))
+
+
+def _summary(finals, diverged=()):
+    runs = [{"final_accuracy": acc, "best_accuracy": acc, "diverged_at": 5 if i in diverged else None,
+             "curve": [[0, 0.1], [10, acc]]} for i, acc in enumerate(finals)]
+    return _sweep.summarize(runs, threshold=0.8, target=0.9)
+
+
+def test_a_rate_is_stable_only_when_every_seed_trains_without_diverging():
+    assert _summary([0.95, 0.9])["reliable"]
+    assert not _summary([0.95, 0.7])["reliable"]          # one seed below the threshold
+    diverged = _summary([0.95, 0.95], diverged=(1,))     # a non-finite loss, whatever the accuracy
+    assert not diverged["reliable"] and diverged["diverged"] == 1
+    assert diverged["outcomes"] == ["trained", "diverged"]
+    assert _summary([0.95, 0.85])["steps_to_target"]["values"] == [10, None]
+
+
+def test_highest_stable_rate_and_best_rate_come_from_the_summaries():
+    values = [0.1, 1.0, 10.0, 100.0]
+    derived = learning_rate.derive(values, [_summary([0.9, 0.9]), _summary([0.97, 0.95]), _summary([0.85, 0.85]),
+                                            _summary([0.1, 0.1], diverged=(0, 1))])
+    assert derived["highest_stable"] == 10.0
+    assert derived["best_rate"] == 1.0 and derived["best_final_accuracy"]["mean"] == pytest.approx(0.96)
+    assert _sweep.highest_reliable(values, [False] * 4) is None
+
+
+def _derived(plain, bn):
+    acc = mean_std([0.9, 0.92])
+    return {"plain": {"highest_stable": plain, "best_rate": 0.1, "best_final_accuracy": acc},
+            "batchnorm": {"highest_stable": bn, "best_rate": 1.0, "best_final_accuracy": acc}}
+
+
+@pytest.mark.parametrize(("plain", "bn", "expected"), [
+    (0.3, 30.0, "100x higher, in line with the article"),
+    (0.3, 100.0, "the top of the sweep"),
+    (1.0, 1.0, "does not show the higher rates"),
+    (3.0, 1.0, "contrary to the article"),
+    (None, 1.0, "only the arm with BN"),
+    (1.0, None, "only the arm without BN trained stably (up to lr=1), contrary"),
+    (None, None, "cannot test the claim"),
+])
+def test_measured_sentence_follows_the_numbers(plain, bn, expected):
+    sentence = learning_rate.measured(_derived(plain, bn), [0.1, 0.3, 1.0, 3.0, 30.0, 100.0])
+    assert expected in sentence
+    assert "0.910 ± 0.014 at lr=0.1" in sentence
