@@ -15,10 +15,12 @@ from normkit.diagnostics import Monitor
 from normkit.diagnostics._monitor import FIELDS
 
 
-def small_cnn(bn=nn.BatchNorm2d):
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), bn(4), nn.ReLU(),
-                         nn.Conv2d(4, 4, 3, padding=1, bias=False), bn(4), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+def small_cnn(bn=nn.BatchNorm2d, seed=0):
+    with torch.random.fork_rng(devices=[]):  # the rules' thresholds assume this initialisation, whatever ran before
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), bn(4), nn.ReLU(),
+                             nn.Conv2d(4, 4, 3, padding=1, bias=False), bn(4), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
 
 
 def train(model, steps, shift_at=None, every=1, seed=0):

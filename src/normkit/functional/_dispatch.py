@@ -2,7 +2,9 @@
 
 Backends: ``"reference"`` (the readable oracle, autograd through plain torch ops), ``"cpu"`` (normkit's fast
 path: per layout and pass the faster of a torch composition and ATen's native kernel, as measured in
-BENCHMARKS.md), ``"triton"`` (GPU kernels; not built yet). ``NORMKIT_BACKEND`` forces one for every call.
+BENCHMARKS.md; it runs on any device), ``"triton"`` (``normkit.kernels``: the default for CUDA tensors when triton is
+installed and the kernels take the call). ``NORMKIT_BACKEND`` or a ``backend=`` argument forces one; a forced
+``"triton"`` falls back to ``"reference"`` for calls the kernels do not take (see ``docs/kernels.md``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from types import ModuleType
 
 import torch
 
+from .. import kernels
 from . import _aten, _compose
 from ._layout import Layout
 
@@ -39,19 +42,41 @@ CPU_PLAN: dict[tuple[str, str], str] = {
 IMPLEMENTATIONS: dict[str, ModuleType] = {"compose": _compose, "aten": _aten}
 
 
-def backend_for(x: torch.Tensor, requested: str | None = None) -> str:
-    """The backend for one call: ``requested``, else ``$NORMKIT_BACKEND``, else ``"cpu"``."""
-    name = requested or os.environ.get("NORMKIT_BACKEND") or "cpu"
+def backend_for(x: torch.Tensor, requested: str | None = None, *, activation: str | None = None) -> str:
+    """The backend for one call: ``requested``, else ``$NORMKIT_BACKEND``, else the default.
+
+    The default is ``"triton"`` for a CUDA tensor when triton is installed and
+    :func:`normkit.kernels.supports` takes the call (``activation`` is the fused one, if any), else ``"cpu"``.
+    A forced ``"triton"`` needs a CUDA tensor, or a CPU one under ``TRITON_INTERPRET=1`` (Triton's interpreter,
+    how the tests run the kernels); a call the kernels do not take (float64, ``"gelu"``, ...) falls back to
+    ``"reference"``.
+
+    Examples::
+
+        >>> import torch
+        >>> from normkit.functional._dispatch import backend_for
+        >>> backend_for(torch.zeros(2, 3), "cpu"), backend_for(torch.zeros(2, 3, dtype=torch.float64), "reference")
+        ('cpu', 'reference')
+    """
+    name = requested or os.environ.get("NORMKIT_BACKEND")
+    if name is None:
+        if x.is_cuda and kernels.supports(x, activation) is None:
+            return "triton"
+        return "cpu"
     if name not in BACKENDS:
         raise ValueError(
             f"unknown normkit backend {name!r}; expected one of {', '.join(map(repr, BACKENDS))} "
             "(from the backend argument or the NORMKIT_BACKEND environment variable)."
         )
     if name == "triton":
-        raise NotImplementedError(
-            "normkit's Triton kernels are not built yet (issue 8: 'Triton GPU kernels'); use backend='cpu', "
-            "which runs on any device, or unset NORMKIT_BACKEND."
-        )
+        if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend 'triton' expects a CUDA tensor, got one on {x.device.type!r}. Move the input to a GPU, "
+                "use backend='cpu' (runs on any device) or unset NORMKIT_BACKEND; to run the kernels on CPU "
+                "through Triton's (slow) interpreter, set TRITON_INTERPRET=1 before triton is imported."
+            )
+        if kernels.supports(x, activation) is not None:
+            return "reference"
     return name
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels
 from . import _aten, _dispatch, _stats, reference
 from ._layout import Layout, layout_of
 
@@ -47,8 +48,10 @@ def batch_norm(
         nonfinite: when a channel's batch statistics are inf/NaN, ``"skip"`` (default) keeps that channel's
             running statistics unchanged, ``"propagate"`` lets them through as torch does, ``"raise"`` raises
             ``FloatingPointError`` before anything changes (this one synchronises with the device).
-        backend: ``"cpu"`` (default: the fastest measured path), ``"reference"`` (the readable oracle) or
-            ``"triton"``; ``$NORMKIT_BACKEND`` overrides the default.
+        backend: ``"cpu"`` (the fastest measured path on any device), ``"reference"`` (the readable oracle) or
+            ``"triton"`` (normkit's GPU kernels); ``$NORMKIT_BACKEND`` overrides the default, which is
+            ``"triton"`` for CUDA tensors the kernels take and ``"cpu"`` otherwise. A forced ``"triton"`` falls
+            back to ``"reference"`` for what the kernels do not take (float64, ...; see ``docs/kernels.md``).
 
     Shape:
         - Input: :math:`(N, C, *)` (or channels at ``channel_dim``). Output: same shape, dtype and memory format.
@@ -65,19 +68,26 @@ def batch_norm(
     """
     channel = reference.validate_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                                             eps, running_var_mode, channel_dim, nonfinite)
-    if _dispatch.backend_for(input, backend) == "reference":
+    backend = _dispatch.backend_for(input, backend)
+    if backend == "reference":
         return reference.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                     running_var_mode=running_var_mode, channel_dim=channel, nonfinite=nonfinite)
     if input.numel() == 0:
         return _empty_output(input, weight, bias)
     layout = layout_of(input, channel)
-    if training and running_var_mode == "unbiased" and _dispatch.aten_in_place(input, layout):
+    if backend == "triton":
+        if training:
+            output, mean, var = kernels.batch_norm_train(input, weight, bias, eps, channel_dim=channel)
+        else:
+            output = kernels.batch_norm_eval(input, running_mean, running_var, weight, bias, eps,
+                                             channel_dim=channel)
+    elif training and running_var_mode == "unbiased" and _dispatch.aten_in_place(input, layout):
         # ATen's kernels win both passes on this layout (BENCHMARKS.md) and its running update is torch's rule:
         # call its differentiable op on the real buffers (its backward is ATen's own, double backward included).
         xn = _aten.native_view(input, layout)
         yn = _aten.train_forward_in_place(xn, weight, bias, running_mean, running_var, momentum, eps, nonfinite)
         return _aten.native_restore(yn, input, layout)
-    if _dispatch.aten_end_to_end(layout, training):
+    elif _dispatch.aten_end_to_end(layout, training):
         xn = _aten.native_view(input, layout)
         if training:
             yn, mean, var = _aten.train_forward(xn, layout.kind, weight, bias, eps)

@@ -7,7 +7,9 @@ import math
 import torch
 
 from . import _checks
-from ._rownorm import Spec, run
+from ._rownorm import Spec, resolve_backend, run
+
+ACTIVATIONS = (None, "silu", "relu")
 
 
 def group_norm(
@@ -17,15 +19,19 @@ def group_norm(
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
     *,
+    activation: str | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     r"""Group normalization: statistics over each sample's group of ``C // num_groups`` channels and all positions.
 
     .. math::
-        y = \frac{x - \mathrm{E}_g[x]}{\sqrt{\mathrm{Var}_g[x] + \epsilon}} \cdot \gamma + \beta
+        y = \mathrm{act}\left(\frac{x - \mathrm{E}_g[x]}{\sqrt{\mathrm{Var}_g[x] + \epsilon}} \cdot \gamma
+        + \beta\right)
 
     Same positional signature, defaults and errors as :func:`torch.nn.functional.group_norm` (Wu & He, 2018).
     Statistics are two-pass and taken in at least float32; a channels_last input gives a channels_last output.
+    ``activation`` (keyword-only) follows the affine, as in U-Net blocks (GroupNorm(32) + SiLU): one fused pass
+    on the Triton backend, the norm then ``silu``/``relu`` elsewhere.
 
     Args:
         input: ``(N, C, *)`` tensor.
@@ -33,7 +39,11 @@ def group_norm(
         weight, bias: ``(C,)`` per-channel affine parameters :math:`\gamma`, :math:`\beta`, or ``None``.
             Default: ``None``.
         eps: added to the variance inside the square root. Default: ``1e-5``.
-        backend: ``"cpu"`` (default: the fastest measured path) or ``"reference"`` (the composition).
+        activation: ``None``, ``"silu"`` or ``"relu"``, applied after the affine. Default: ``None``.
+        backend: ``"triton"`` (default for CUDA tensors the kernels take: ``normkit.kernels.group_norm``),
+            ``"cpu"`` (default otherwise: the fastest measured path, ATen's kernel) or ``"reference"`` (the
+            composition). Calls the kernels do not take (float64, ...) run ``"cpu"`` even when ``"triton"`` is
+            forced. Default: ``None`` (``$NORMKIT_BACKEND``, else the default).
 
     Shape:
         - Input: :math:`(N, C, *)`. Output: same shape, dtype and memory format.
@@ -45,8 +55,11 @@ def group_norm(
         >>> x = torch.tensor([[[1.0], [3.0], [10.0], [30.0]]])
         >>> group_norm(x, 2).flatten()
         tensor([-1.0000,  1.0000, -1.0000,  1.0000])
+        >>> group_norm(x, 2, activation="relu").flatten()
+        tensor([0.0000, 1.0000, 0.0000, 1.0000])
     """
     _checks.require_floating(input, "group_norm")
+    _checks.choice("activation", activation, ACTIVATIONS)
     if input.dim() < 2:
         raise RuntimeError(
             f"Expected at least 2 dimensions for input tensor but received {input.dim()}; group_norm needs an "
@@ -74,8 +87,23 @@ def group_norm(
             f"{torch.Size([n * c // num_groups, num_groups, *input.shape[2:]])}; a group of one value has no "
             "variance. Use fewer groups or a larger input."
         )
+    name = resolve_backend(input, backend, lambda: _kernels().supports_group_norm(input, num_groups, activation),
+                           weight, bias)
+    if name == "triton":
+        return _kernels().group_norm(input, num_groups, weight, bias, eps, activation=activation)
     rest = tuple(input.shape[2:])
     k = c // num_groups
     spec = Spec("group_norm", (n, num_groups, k, *rest), tuple(range(2, input.dim() + 1)),
                 (1, num_groups, k) + (1,) * len(rest), (c,), num_groups)
-    return run(input, weight, bias, spec, eps, backend=backend)[0]
+    y = run(input, weight, bias, spec, eps, backend=name)[0]
+    if activation == "silu":
+        return torch.nn.functional.silu(y)
+    if activation == "relu":
+        return torch.relu(y)
+    return y
+
+
+def _kernels():
+    from .. import kernels  # torch-only until a kernel launches (then triton loads)
+
+    return kernels

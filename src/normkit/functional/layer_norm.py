@@ -7,7 +7,7 @@ import numbers
 import torch
 
 from . import _checks
-from ._rownorm import Spec, run
+from ._rownorm import Spec, resolve_backend, run
 
 
 def layer_norm(
@@ -32,7 +32,10 @@ def layer_norm(
         normalized_shape: the trailing shape to normalize over (an int means one dimension).
         weight, bias: elementwise affine parameters of shape ``normalized_shape``, or ``None``. Default: ``None``.
         eps: added to the variance inside the square root. Default: ``1e-5``.
-        backend: ``"cpu"`` (default: the fastest measured path) or ``"reference"`` (the composition).
+        backend: ``"triton"`` (default for CUDA tensors the kernels take: ``normkit.kernels.layer_norm``),
+            ``"cpu"`` (default otherwise: the fastest measured path, ATen's kernel) or ``"reference"`` (the
+            composition). Calls the kernels do not take (float64, ...) run ``"cpu"`` even when ``"triton"`` is
+            forced. Default: ``None`` (``$NORMKIT_BACKEND``, else the default).
 
     Shape:
         - Input: :math:`(*, \text{normalized\_shape})`. Output: same shape and dtype.
@@ -65,6 +68,15 @@ def layer_norm(
                 f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
                 f"{list(t.shape)} and normalized_shape = {list(shape)}. Pass a {name} of shape {shape}."
             )
+    name = resolve_backend(input, backend, lambda: _kernels().supports_layer_norm(input, shape), weight, bias)
+    if name == "triton":
+        return _kernels().layer_norm(input, shape, weight, bias, eps)
     lead = input.dim() - k
     spec = Spec("layer_norm", tuple(input.shape), tuple(range(lead, input.dim())), (1,) * lead + shape, shape)
-    return run(input, weight, bias, spec, eps, backend=backend)[0]
+    return run(input, weight, bias, spec, eps, backend=name)[0]
+
+
+def _kernels():
+    from .. import kernels  # torch-only until a kernel launches (then triton loads)
+
+    return kernels

@@ -169,3 +169,53 @@ def _dtypes_fit(input_dtype: torch.dtype, tensors: list[torch.Tensor]) -> bool:
     if any(t.dtype != dtype for t in tensors):
         return False
     return dtype == input_dtype or (dtype == torch.float32 and input_dtype in _checks.LOW_PRECISION)
+
+
+def group_norm(input: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5, *, activation: str | None = None) -> torch.Tensor:
+    r"""Group normalization (then an optional ``"silu"``/``"relu"``), written out; no validation.
+
+    .. math::
+        y = \mathrm{act}\Big(\frac{x - \mathrm{E}_g[x]}{\sqrt{\mathrm{Var}_g[x] + \epsilon}} \gamma + \beta\Big)
+    """
+    n, c = input.shape[0], input.shape[1]
+    xg = input.to(_stats.accumulation_dtype(input.dtype)).reshape(n, num_groups, -1)
+    mean = xg.mean(2, keepdim=True)
+    var = ((xg - mean) ** 2).mean(2, keepdim=True)
+    y = ((xg - mean) / torch.sqrt(var + eps)).reshape(input.shape)
+    shape = [c] + [1] * (input.dim() - 2)
+    if weight is not None:
+        y = y * weight.to(y.dtype).reshape(shape)
+    if bias is not None:
+        y = y + bias.to(y.dtype).reshape(shape)
+    return _activation(y, activation).to(input.dtype)
+
+
+def layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    r"""Layer normalization over the trailing ``normalized_shape``, written out; no validation.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+    """
+    k = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
+    dims = tuple(range(input.dim() - k, input.dim()))
+    xf = input.to(_stats.accumulation_dtype(input.dtype))
+    mean = xf.mean(dims, keepdim=True)
+    var = ((xf - mean) ** 2).mean(dims, keepdim=True)
+    y = (xf - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight.to(y.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(input.dtype)
+
+
+def _activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    if activation is None:
+        return y
+    if activation == "silu":
+        return torch.nn.functional.silu(y)
+    if activation == "relu":
+        return torch.relu(y)
+    raise ValueError(f"activation must be one of None, 'silu', 'relu'; got {activation!r}.")

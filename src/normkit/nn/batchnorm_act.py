@@ -2,40 +2,18 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from .. import kernels
 from ..functional import _dispatch, _stats, reference
+from ..functional._fused import activate as _activate
+from ..functional._fused import activation_grad as _activation_grad  # noqa: F401  (kept for importers)
+from ..functional._fused import closed_form_backward
 from ..functional._layout import Layout, layout_of
 from ..functional.batch_norm import _forward
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 ACTIVATIONS = ("relu", "silu", "gelu", None)
-_INV_SQRT2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-def _activate(z: torch.Tensor, act: str | None) -> torch.Tensor:
-    if act == "relu":
-        return torch.relu(z)
-    if act == "silu":
-        return torch.nn.functional.silu(z)
-    if act == "gelu":
-        return torch.nn.functional.gelu(z)
-    return z
-
-
-def _activation_grad(z: torch.Tensor, act: str | None) -> torch.Tensor | None:
-    """The derivative of the activation at the pre-activation ``z`` (``None`` for the identity)."""
-    if act == "relu":
-        return (z > 0).to(z.dtype)
-    if act == "silu":
-        s = torch.sigmoid(z)
-        return s * (1 + z * (1 - s))
-    if act == "gelu":  # exact (erf) GELU, torch's default: Phi(z) + z * phi(z)
-        return 0.5 * (1 + torch.erf(z * _INV_SQRT2)) + z * _INV_SQRT2PI * torch.exp(-0.5 * z * z)
-    return None
 
 
 class _BatchNormAct(torch.autograd.Function):
@@ -96,31 +74,8 @@ _ACTIVATION_BACKWARD = {
 
 def _differentiable_backward(ctx, grad_output, input, weight, bias, residual, mean, var):
     """The fused closed form in plain torch ops (for double backward): ``(dx, dweight, dbias, dresidual)``."""
-    channel, training, act = ctx.channel, ctx.training, ctx.act
-    if training:  # let the statistics depend on the input
-        mean, var = reference.batch_moments(input, channel)
-    dims = [d for d in range(input.dim()) if d != channel]
-    shape = reference.per_channel_shape(input, channel)
-    acc = _stats.accumulation_dtype(input.dtype)
-    invstd = torch.rsqrt(var.to(acc) + ctx.eps).view(shape)
-    x_hat = (input.to(acc) - mean.to(acc).view(shape)) * invstd
-    dz = grad_output.to(acc)
-    if act is not None:
-        z = x_hat * weight.to(acc).view(shape) if weight is not None else x_hat
-        if bias is not None:
-            z = z + bias.to(acc).view(shape)
-        if residual is not None:
-            z = z + residual.to(acc)
-        dz = dz * _activation_grad(z, act)
-    g = dz * weight.to(acc).view(shape) if weight is not None else dz
-    if training:
-        grad_input = invstd * (g - g.mean(dims, keepdim=True) - x_hat * (g * x_hat).mean(dims, keepdim=True))
-    else:
-        grad_input = g * invstd
-    grad_weight = (dz * x_hat).sum(dims).to(weight.dtype) if weight is not None else None
-    grad_bias = dz.sum(dims).to(bias.dtype) if bias is not None else None
-    grad_residual = dz.to(residual.dtype) if residual is not None else None
-    return grad_input.to(input.dtype), grad_weight, grad_bias, grad_residual
+    return closed_form_backward(grad_output, input, weight, bias, residual, mean, var, ctx.eps, ctx.training,
+                                ctx.channel, ctx.act)
 
 
 class _BatchNormActMixin:
@@ -151,6 +106,15 @@ class _BatchNormActMixin:
                 "it first; nothing was changed."
             )
 
+    def _kernel_forward(self, input, residual, running_mean, running_var, uses_batch_stats):
+        """``(output, mean, var)`` from :mod:`normkit.kernels` (statistics ``None`` with running ones)."""
+        if uses_batch_stats:
+            return kernels.batch_norm_train(input, self.weight, self.bias, self.eps, activation=self.act,
+                                            residual=residual)
+        output = kernels.batch_norm_eval(input, running_mean, running_var, self.weight, self.bias, self.eps,
+                                         activation=self.act, residual=residual)
+        return output, None, None
+
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input_dim(input)
         self._check_residual(input, residual)
@@ -163,8 +127,11 @@ class _BatchNormActMixin:
             z = super().forward(input)
             return _activate(z + residual if residual is not None else z, self.act)
         layout = layout_of(input, channel)
-        output, mean, var = _BatchNormAct.apply(input, self.weight, self.bias, residual, running_mean, running_var,
-                                                uses_batch_stats, self.eps, layout, self.act)
+        if _dispatch.backend_for(input, activation=self.act) == "triton":  # one fused Triton pass each way
+            output, mean, var = self._kernel_forward(input, residual, running_mean, running_var, uses_batch_stats)
+        else:
+            output, mean, var = _BatchNormAct.apply(input, self.weight, self.bias, residual, running_mean,
+                                                    running_var, uses_batch_stats, self.eps, layout, self.act)
         if uses_batch_stats:
             if self.nonfinite == "raise":
                 _stats.require_finite_statistics(mean, var)
