@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from normkit.cli import main
-from normkit.experiments._harness import SCHEMA, Settings, report, run_experiment, write
+from normkit.experiments._harness import EXPERIMENTS, SCHEMA, Settings, module_for, report, run_experiment, write
 from normkit.experiments.convergence import steps_ratio
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -60,6 +60,17 @@ def test_report_links_figures_relative_to_the_report(quick_result, tmp_path):
     text = path.read_text()
     assert "![convergence](results/convergence.png)" in text
     assert "| [convergence](#convergence-steps-to-a-target-accuracy-with-and-without-batch-norm) |" in text
+
+
+def test_every_listed_experiment_has_a_module():
+    for name in EXPERIMENTS:
+        try:
+            module = module_for(name)
+        except ModuleNotFoundError:
+            pytest.fail(f"experiment {name!r} is listed but has no module")
+        for attribute in ("NAME", "TITLE", "CLAIM", "run", "plot"):
+            assert hasattr(module, attribute), (name, attribute)
+        assert module.NAME == name
 
 
 def test_unknown_experiment_names_the_choices():

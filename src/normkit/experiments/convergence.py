@@ -112,5 +112,10 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
     ax.legend(loc="lower right")
-    seeds = len(result["seeds"])
-    _plotting.save(fig, path, f"Small CNN on digits: BN reaches {target:.0%} sooner? (mean ± std, {seeds} seeds)")
+    ratio = result["ratio"]
+    if ratio["mean"] is None:
+        message = f"BN did not reach {target:.0%} in every seed"
+    else:
+        bound = "at least " if ratio["lower_bound"] else ""
+        message = f"BN reaches {target:.0%} in {bound}{ratio['mean']:.1f}x fewer steps"
+    _plotting.save(fig, path, f"Small CNN on digits: {message} (mean ± std, {len(result['seeds'])} seeds)")
