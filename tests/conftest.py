@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from hypothesis import settings
 
@@ -17,3 +18,20 @@ if not torch.cuda.is_available():
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("dev", deadline=None, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+QUICK_SEEDS = (0, 1)
+
+
+@pytest.fixture(scope="session")
+def quick_experiment():
+    """``quick_experiment(name)``: the experiment's ``--quick`` result with seeds 0 and 1, run once per session."""
+    from normkit.experiments._harness import Settings, run_experiment
+
+    results: dict[str, dict] = {}
+
+    def run(name: str) -> dict:
+        if name not in results:
+            results[name] = run_experiment(name, Settings(quick=True, seeds=QUICK_SEEDS))
+        return results[name]
+
+    return run

@@ -12,20 +12,16 @@ from normkit.experiments._harness import Settings, run_experiment, write
 from normkit.nn import CrossIterationBatchNorm2d, GhostBatchNorm2d, StreamingBatchNorm2d
 
 SEEDS = (0, 1)
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def quick_result():
-    return run_experiment("batch-size", Settings(quick=True, seeds=SEEDS))
+def quick_result(quick_experiment):
+    return quick_experiment("batch-size")
 
 
-def test_quick_run_writes_json_png_and_markdown(quick_result, tmp_path):
+def test_quick_run_covers_every_arm(quick_result, tmp_path):
     paths = write(quick_result, tmp_path)
     data = json.loads(paths["json"].read_text())
-    for key in ("schema", "name", "claim", "config", "table", "measured", "seeds", "machine"):
-        assert key in data, key
-    assert data["name"] == "batch-size" and data["seeds"] == list(SEEDS)
     columns, rows = data["table"]["columns"], data["table"]["rows"]
     assert all(len(row) == len(columns) for row in rows)
     assert [row[0] for row in rows[: len(batch_size.NORMS)]] == list(batch_size.NORMS)
@@ -33,8 +29,6 @@ def test_quick_run_writes_json_png_and_markdown(quick_result, tmp_path):
     assert len(sizes) == 2
     for norm in batch_size.NORMS:  # every arm ran, at every batch size, for every seed
         assert all(len(data["accuracy"][norm][str(size)]) == len(SEEDS) for size in sizes)
-    assert paths["png"].read_bytes()[:8] == PNG_MAGIC
-    assert data["measured"] in paths["md"].read_text()
 
 
 def test_same_seed_gives_the_same_numbers(quick_result):

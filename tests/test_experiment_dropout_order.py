@@ -9,23 +9,19 @@ import torch
 from torch import nn
 
 from normkit.experiments import dropout_order
-from normkit.experiments._harness import Settings, run_experiment, write
+from normkit.experiments._harness import write
 
 SEEDS = (0, 1)
-VOLATILE = ("elapsed_s", "machine", "date")
 
 
 @pytest.fixture(scope="module")
-def quick_result():
-    return run_experiment("dropout-order", Settings(quick=True, seeds=SEEDS))
+def quick_result(quick_experiment):
+    return quick_experiment("dropout-order")
 
 
-def test_quick_run_writes_json_png_and_markdown(quick_result, tmp_path):
+def test_quick_run_covers_every_arm(quick_result, tmp_path):
     paths = write(quick_result, tmp_path)
     data = json.loads(paths["json"].read_text())
-    for key in ("schema", "name", "claim", "config", "table", "measured", "seeds", "machine"):
-        assert key in data
-    assert data["name"] == "dropout-order" and data["seeds"] == list(SEEDS)
     columns = data["table"]["columns"]
     assert all(len(row) == len(columns) for row in data["table"]["rows"])
     expected = dropout_order.arms(data["config"]["dropout_rates"])
@@ -35,14 +31,7 @@ def test_quick_run_writes_json_png_and_markdown(quick_result, tmp_path):
         assert [run["seed"] for run in runs] == list(SEEDS)
         assert all(len(run["variance_shift_per_layer"]) == 3 and run["variance_shift"] > 0 for run in runs)
         assert all(0 <= run["recalibrated_accuracy"] <= 1 for run in runs)
-    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert data["measured"] in paths["md"].read_text()
 
-
-def test_same_seeds_give_the_same_numbers(quick_result):
-    again = run_experiment("dropout-order", Settings(quick=True, seeds=SEEDS))
-    strip = lambda result: {k: v for k, v in result.items() if k not in VOLATILE}  # noqa: E731
-    assert json.dumps(strip(again)) == json.dumps(strip(quick_result))
 
 
 def test_bn_after_dropout_shows_the_variance_shift_even_in_the_quick_run(quick_result):

@@ -9,24 +9,20 @@ import pytest
 import torch
 
 from normkit.experiments import _sweep, initialization
-from normkit.experiments._harness import Settings, run_experiment, write
+from normkit.experiments._harness import write
 from normkit.experiments._training import cnn, mean_std, mlp
 
 SEEDS = (0, 1)
-VOLATILE = ("elapsed_s", "machine", "date")
 
 
 @pytest.fixture(scope="module")
-def quick_result():
-    return run_experiment("initialization", Settings(quick=True, seeds=SEEDS))
+def quick_result(quick_experiment):
+    return quick_experiment("initialization")
 
 
-def test_quick_run_writes_json_png_and_markdown(quick_result, tmp_path):
+def test_quick_run_covers_every_arm(quick_result, tmp_path):
     paths = write(quick_result, tmp_path)
     data = json.loads(paths["json"].read_text())
-    for key in ("schema", "name", "claim", "config", "table", "measured", "seeds", "machine"):
-        assert key in data
-    assert data["name"] == "initialization" and data["seeds"] == list(SEEDS)
     columns = data["table"]["columns"]
     assert all(len(row) == len(columns) for row in data["table"]["rows"])
     assert len(data["table"]["rows"]) == len(data["config"]["values"])
@@ -35,14 +31,7 @@ def test_quick_run_writes_json_png_and_markdown(quick_result, tmp_path):
         assert len(data["runs"][arm.name]) == len(data["config"]["values"])
         assert all(len(per_seed) == len(SEEDS) for per_seed in data["runs"][arm.name])
         assert set(data["derived"][arm.name]) == {"trains", "decades", "best_scale", "best_final_accuracy"}
-    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert data["measured"] in paths["md"].read_text()
 
-
-def test_same_seeds_give_the_same_numbers(quick_result):
-    again = run_experiment("initialization", Settings(quick=True, seeds=SEEDS))
-    strip = lambda result: {k: v for k, v in result.items() if k not in VOLATILE}  # noqa: E731
-    assert json.dumps(strip(again)) == json.dumps(strip(quick_result))
 
 
 def test_scale_weights_scales_every_linear_and_conv_weight_but_no_bias_or_norm():

@@ -7,24 +7,20 @@ import json
 import pytest
 
 from normkit.experiments import _sweep, learning_rate
-from normkit.experiments._harness import Settings, run_experiment, write
+from normkit.experiments._harness import write
 from normkit.experiments._training import mean_std
 
 SEEDS = (0, 1)
-VOLATILE = ("elapsed_s", "machine", "date")
 
 
 @pytest.fixture(scope="module")
-def quick_result():
-    return run_experiment("learning-rate", Settings(quick=True, seeds=SEEDS))
+def quick_result(quick_experiment):
+    return quick_experiment("learning-rate")
 
 
-def test_quick_run_writes_json_png_and_markdown(quick_result, tmp_path):
+def test_quick_run_covers_every_arm(quick_result, tmp_path):
     paths = write(quick_result, tmp_path)
     data = json.loads(paths["json"].read_text())
-    for key in ("schema", "name", "claim", "config", "table", "measured", "seeds", "machine"):
-        assert key in data
-    assert data["name"] == "learning-rate" and data["seeds"] == list(SEEDS)
     columns = data["table"]["columns"]
     assert all(len(row) == len(columns) for row in data["table"]["rows"])
     assert len(data["table"]["rows"]) == len(data["config"]["values"])
@@ -33,14 +29,7 @@ def test_quick_run_writes_json_png_and_markdown(quick_result, tmp_path):
         assert len(data["runs"][arm.name]) == len(data["config"]["values"])
         assert all(len(per_seed) == len(SEEDS) for per_seed in data["runs"][arm.name])
         assert set(data["derived"][arm.name]) == {"highest_stable", "best_rate", "best_final_accuracy"}
-    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert data["measured"] in paths["md"].read_text()
 
-
-def test_same_seeds_give_the_same_numbers(quick_result):
-    again = run_experiment("learning-rate", Settings(quick=True, seeds=SEEDS))
-    strip = lambda result: {k: v for k, v in result.items() if k not in VOLATILE}  # noqa: E731
-    assert json.dumps(strip(again)) == json.dumps(strip(quick_result))
 
 
 def _summary(finals, diverged=()):

@@ -8,24 +8,20 @@ import pytest
 
 from normkit.experiments import placement
 from normkit.experiments._compare import paired_difference
-from normkit.experiments._harness import Settings, run_experiment, write
+from normkit.experiments._harness import write
 from normkit.experiments._training import mean_std
 
 SEEDS = (0, 1)
-VOLATILE = ("elapsed_s", "machine", "date")
 
 
 @pytest.fixture(scope="module")
-def quick_result():
-    return run_experiment("placement", Settings(quick=True, seeds=SEEDS))
+def quick_result(quick_experiment):
+    return quick_experiment("placement")
 
 
-def test_quick_run_writes_json_png_and_markdown(quick_result, tmp_path):
+def test_quick_run_covers_every_arm(quick_result, tmp_path):
     paths = write(quick_result, tmp_path)
     data = json.loads(paths["json"].read_text())
-    for key in ("schema", "name", "claim", "config", "table", "measured", "seeds", "machine"):
-        assert key in data
-    assert data["name"] == "placement" and data["seeds"] == list(SEEDS)
     columns = data["table"]["columns"]
     assert all(len(row) == len(columns) for row in data["table"]["rows"])
     assert len(data["table"]["rows"]) == len(placement.ACTIVATIONS) * len(placement.PLACEMENTS)
@@ -35,14 +31,7 @@ def test_quick_run_writes_json_png_and_markdown(quick_result, tmp_path):
             runs = data["per_seed"][act][where]
             assert [run["seed"] for run in runs] == list(SEEDS)
             assert all(run["curve"][-1][0] == data["config"]["steps"] for run in runs)
-    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert data["measured"] in paths["md"].read_text()
 
-
-def test_same_seeds_give_the_same_numbers(quick_result):
-    again = run_experiment("placement", Settings(quick=True, seeds=SEEDS))
-    strip = lambda result: {k: v for k, v in result.items() if k not in VOLATILE}  # noqa: E731
-    assert json.dumps(strip(again)) == json.dumps(strip(quick_result))
 
 
 def test_the_arms_differ_only_in_the_order_of_the_layers():

@@ -14,20 +14,16 @@ from normkit.experiments._harness import Settings, run_experiment, write
 from normkit.experiments._training import cnn, train
 
 SEEDS = (0, 1)
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def quick_result():
-    return run_experiment("train-eval-gap", Settings(quick=True, seeds=SEEDS))
+def quick_result(quick_experiment):
+    return quick_experiment("train-eval-gap")
 
 
-def test_quick_run_writes_json_png_and_markdown(quick_result, tmp_path):
+def test_quick_run_covers_every_arm(quick_result, tmp_path):
     paths = write(quick_result, tmp_path)
     data = json.loads(paths["json"].read_text())
-    for key in ("schema", "name", "claim", "config", "table", "measured", "seeds", "machine"):
-        assert key in data, key
-    assert data["name"] == "train-eval-gap" and data["seeds"] == list(SEEDS)
     columns, rows = data["table"]["columns"], data["table"]["rows"]
     assert all(len(row) == len(columns) for row in rows)
     momenta = data["config"]["momenta"]
@@ -37,8 +33,6 @@ def test_quick_run_writes_json_png_and_markdown(quick_result, tmp_path):
         for method in train_eval_gap.METHODS:
             for momentum in momenta:
                 assert [step for step, _ in seed["curves"][method][str(momentum)]] == checkpoints
-    assert paths["png"].read_bytes()[:8] == PNG_MAGIC
-    assert data["measured"] in paths["md"].read_text()
 
 
 def test_same_seed_gives_the_same_numbers(quick_result):

@@ -9,24 +9,20 @@ import torch
 
 from normkit.data import load_digits
 from normkit.experiments import transfer
-from normkit.experiments._harness import Settings, run_experiment, write
+from normkit.experiments._harness import write
 from normkit.experiments._training import mean_std
 
 SEEDS = (0, 1)
-VOLATILE = ("elapsed_s", "machine", "date")
 
 
 @pytest.fixture(scope="module")
-def quick_result():
-    return run_experiment("transfer", Settings(quick=True, seeds=SEEDS))
+def quick_result(quick_experiment):
+    return quick_experiment("transfer")
 
 
-def test_quick_run_writes_json_png_and_markdown(quick_result, tmp_path):
+def test_quick_run_covers_every_arm(quick_result, tmp_path):
     paths = write(quick_result, tmp_path)
     data = json.loads(paths["json"].read_text())
-    for key in ("schema", "name", "claim", "config", "table", "measured", "seeds", "machine"):
-        assert key in data
-    assert data["name"] == "transfer" and data["seeds"] == list(SEEDS)
     columns = data["table"]["columns"]
     assert all(len(row) == len(columns) for row in data["table"]["rows"])
     assert [row[0] for row in data["table"]["rows"]] == list(transfer.STRATEGIES.values())
@@ -36,14 +32,7 @@ def test_quick_run_writes_json_png_and_markdown(quick_result, tmp_path):
         assert set(per_strategy) == set(transfer.STRATEGIES)
         assert all(len(values) == len(SEEDS) and all(0 <= v <= 1 for v in values) for values in per_strategy.values())
     assert len(data["source_accuracy"]["values"]) == len(SEEDS)
-    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert data["measured"] in paths["md"].read_text()
 
-
-def test_same_seeds_give_the_same_numbers(quick_result):
-    again = run_experiment("transfer", Settings(quick=True, seeds=SEEDS))
-    strip = lambda result: {k: v for k, v in result.items() if k not in VOLATILE}  # noqa: E731
-    assert json.dumps(strip(again)) == json.dumps(strip(quick_result))
 
 
 def test_few_labels_is_balanced_seeded_and_leaves_the_test_part_alone():

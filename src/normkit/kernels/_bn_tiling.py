@@ -7,13 +7,12 @@ take every code path (several tiles per channel, several chunks per tile, masked
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from ._tuning import interpreting, streaming_processors
+
+INTERPRET = interpreting()
 
 # Largest block along the contiguous axis of a pointwise tile, and along the channels of a ``rows`` reduction.
 INNER_CAP = 16 if INTERPRET else 1024
@@ -41,16 +40,11 @@ def channel_block(channels: int) -> int:
     return min(triton.next_power_of_2(channels), CHANNEL_CAP)
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def target_programs(device: torch.device) -> int:
     """How many programs a reduction grid should have to fill the device."""
     if device.type != "cuda":  # the interpreter runs programs one after another: few, but more than one per channel
         return 8
-    return PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return PROGRAMS_PER_SM * streaming_processors(device)
 
 
 def tiles_per_channel(groups: int, count: int, device: torch.device) -> int:

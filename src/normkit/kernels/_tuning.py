@@ -1,4 +1,4 @@
-"""Launch settings shared by normkit's row-norm kernels (group and layer norm): autotune configs, program counts.
+"""Launch settings shared by normkit's kernels: interpreter detection, SM counts, the row-norm autotune configs.
 
 Imports triton: load it only from the ``_*_triton`` kernel modules and from launch code, never at package import.
 Under ``TRITON_INTERPRET=1`` (CPU tests) every autotuned kernel gets exactly one config: the interpreter is slow and
