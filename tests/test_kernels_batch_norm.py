@@ -17,7 +17,7 @@ import torch
 
 import normkit.functional as F
 from normkit.functional import reference
-from normkit.functional._fused import activate
+from normkit.functional.reference import activate
 from normkit.nn import BatchNormAct2d
 
 pytest.importorskip("triton")

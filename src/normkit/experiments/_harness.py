@@ -25,6 +25,8 @@ from types import ModuleType
 
 import torch
 
+from ._training import one_thread
+
 SCHEMA = "normkit.experiment/1"
 EXPERIMENTS = ("convergence", "learning-rate", "initialization", "batch-size", "train-eval-gap", "transfer",
                "placement", "dropout-order")
@@ -89,15 +91,10 @@ def run_experiment(name: str, settings: Settings = Settings()) -> dict:
     module = module_for(name)
     if not settings.seeds:
         raise ValueError(f"experiment {name}: expected at least one seed, got none. Pass e.g. --seeds 3.")
-    start, threads = time.perf_counter(), torch.get_num_threads()
-    # One intra-op thread: these models are too small to gain from more, and a fixed count keeps the reductions,
-    # hence the numbers, the same on every machine.
-    torch.set_num_threads(1)
-    try:
+    start = time.perf_counter()
+    with one_thread():
         result = module.run(settings)
         info = machine()
-    finally:
-        torch.set_num_threads(threads)
     for key in ("config", "table", "measured"):
         if key not in result:
             raise KeyError(f"experiment {name}: run() returned no {key!r}; the harness needs config, table, measured")

@@ -6,9 +6,10 @@ initial weights, the batch order and the dropout masks, and the same seed gives 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -125,6 +126,21 @@ def cnn(input_shape: Sequence[int], num_classes: int, channels: Sequence[int] = 
             width = features
         layers += [pool(1), nn.Flatten(), nn.Linear(width, num_classes)]
     return nn.Sequential(*layers)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block on one intra-op torch thread, then restore the count.
+
+    These models are too small to gain from more threads (oversubscribed cores lose a lot), and a fixed count keeps
+    the reductions, hence the numbers, the same on every machine.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def batch_schedule(num_examples: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..data import Split, load_digits, load_mnist1d
-from ._training import batch_schedule, mlp
+from ._training import batch_schedule, mlp, one_thread
 
 SCHEMA = "normkit.demo/1"
 ARMS = ("plain", "batchnorm")
@@ -199,16 +199,12 @@ def run_demo(
     target = defaults["target"] if target is None else target
     _validate(steps, lr, target, eval_every)
     batches = batch_schedule(len(split.y_train), BATCH_SIZE, steps, seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 60x100 matmuls gain nothing from threads, and oversubscribed cores lose a lot
-    try:
+    with one_thread():
         arms = {
             arm: _train_arm(arm, split, batches, seed=seed, lr=lr, target=target, eval_every=eval_every,
                             progress=progress)
             for arm in ARMS
         }
-    finally:
-        torch.set_num_threads(threads)
     plain, bn = arms["plain"]["steps_to_target"], arms["batchnorm"]["steps_to_target"]
     both = plain is not None and bn is not None
     result = {

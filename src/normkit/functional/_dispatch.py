@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -42,14 +43,16 @@ CPU_PLAN: dict[tuple[str, str], str] = {
 IMPLEMENTATIONS: dict[str, ModuleType] = {"compose": _compose, "aten": _aten}
 
 
-def backend_for(x: torch.Tensor, requested: str | None = None, *, activation: str | None = None) -> str:
+def backend_for(x: torch.Tensor, requested: str | None = None, *,
+                refusal: Callable[[], str | None] | None = None, fallback: str = "reference") -> str:
     """The backend for one call: ``requested``, else ``$NORMKIT_BACKEND``, else the default.
 
-    The default is ``"triton"`` for a CUDA tensor when triton is installed and
-    :func:`normkit.kernels.supports` takes the call (``activation`` is the fused one, if any), else ``"cpu"``.
-    A forced ``"triton"`` needs a CUDA tensor, or a CPU one under ``TRITON_INTERPRET=1`` (Triton's interpreter,
-    how the tests run the kernels); a call the kernels do not take (float64, ``"gelu"``, ...) falls back to
-    ``"reference"``.
+    ``refusal()`` says why the Triton kernels would not take this call (``None``: they take it); by default the
+    batch-norm kernels' answer :func:`normkit.kernels.supports` for ``x``. The default backend is ``"triton"`` for a
+    CUDA tensor the kernels take, else ``"cpu"``. A forced ``"triton"`` needs a CUDA tensor, or a CPU one under
+    ``TRITON_INTERPRET=1`` (Triton's interpreter, how the tests run the kernels); a call the kernels refuse
+    (float64, ``"gelu"``, ...) runs ``fallback`` instead (batch norm: ``"reference"``; group and layer norm pass
+    ``"cpu"``, ATen's kernels).
 
     Examples::
 
@@ -59,10 +62,9 @@ def backend_for(x: torch.Tensor, requested: str | None = None, *, activation: st
         ('cpu', 'reference')
     """
     name = requested or os.environ.get("NORMKIT_BACKEND")
+    refused = refusal if refusal is not None else (lambda: kernels.supports(x))
     if name is None:
-        if x.is_cuda and kernels.supports(x, activation) is None:
-            return "triton"
-        return "cpu"
+        return "triton" if x.is_cuda and refused() is None else "cpu"
     if name not in BACKENDS:
         raise ValueError(
             f"unknown normkit backend {name!r}; expected one of {', '.join(map(repr, BACKENDS))} "
@@ -75,8 +77,8 @@ def backend_for(x: torch.Tensor, requested: str | None = None, *, activation: st
                 "use backend='cpu' (runs on any device) or unset NORMKIT_BACKEND; to run the kernels on CPU "
                 "through Triton's (slow) interpreter, set TRITON_INTERPRET=1 before triton is imported."
             )
-        if kernels.supports(x, activation) is not None:
-            return "reference"
+        if refused() is not None:
+            return fallback
     return name
 
 

@@ -1,4 +1,4 @@
-"""``act(bn(x) + residual)``: the activations and the fused closed-form backward in differentiable torch ops.
+"""``act(bn(x) + residual)``: the activations' derivatives and the fused closed-form backward in differentiable ops.
 
 Shared by :class:`normkit.nn.BatchNormAct2d` and the Triton kernels' autograd functions: under
 ``create_graph=True`` their backward runs this closed form, so double backward differentiates the batch statistics
@@ -15,17 +15,6 @@ from . import _stats, reference
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-def activate(z: torch.Tensor, act: str | None) -> torch.Tensor:
-    """``act(z)`` for ``"relu"``, ``"silu"``, ``"gelu"`` (exact, erf) or ``None`` (identity)."""
-    if act == "relu":
-        return torch.relu(z)
-    if act == "silu":
-        return torch.nn.functional.silu(z)
-    if act == "gelu":
-        return torch.nn.functional.gelu(z)
-    return z
 
 
 def activation_grad(z: torch.Tensor, act: str | None) -> torch.Tensor | None:

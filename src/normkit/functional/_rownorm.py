@@ -11,15 +11,15 @@ A view of a channels_last tensor keeps its strides and elementwise ops follow th
 has the input's memory format.
 
 Backends: ``group_norm`` and ``layer_norm`` run normkit's Triton kernels (``normkit.kernels``) when
-:func:`resolve_backend` says ``"triton"``: by default for CUDA tensors the kernels take, or when forced. Calls the
-kernels do not take (float64, parameters on another device, empty inputs, ...) run the ATen path below.
+:func:`~normkit.functional._dispatch.backend_for` says ``"triton"``: by default for CUDA tensors the kernels take,
+or when forced. Calls the kernels do not take (float64, parameters on another device, empty inputs, ...) run the
+ATen path below (``fallback="cpu"``).
 ``instance_norm`` has no kernel of its own: under ``"triton"`` it runs the ATen path. See docs/kernels-rownorm.md.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -237,29 +237,11 @@ def _format_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def resolve_backend(x: torch.Tensor, requested: str | None, kernel_reason, *params) -> str:
-    """``"triton"``, ``"cpu"`` or ``"reference"`` for one group/layer-norm call.
-
-    ``kernel_reason()`` is the op's ``normkit.kernels.supports_*`` answer (``None``: the kernels take the call).
-    Default (no ``backend`` and no ``NORMKIT_BACKEND``): ``"triton"`` for a CUDA tensor the kernels take, else
-    ``"cpu"``. A forced name is validated by :func:`~normkit.functional._dispatch.backend_for` (a forced
-    ``"triton"`` on CPU needs ``TRITON_INTERPRET=1``); a forced ``"triton"`` that the kernels do not take runs
-    ``"cpu"`` (ATen's fused kernels, on any device) instead.
-
-    Examples::
-
-        >>> import torch
-        >>> resolve_backend(torch.zeros(2, 3), None, lambda: None), resolve_backend(torch.zeros(2), "reference", None)
-        ('cpu', 'reference')
-    """
-    forced = requested or os.environ.get("NORMKIT_BACKEND")
-    on_device = all(t is None or t.device == x.device for t in params)
-    if forced is None:
-        return "triton" if x.is_cuda and on_device and kernel_reason() is None else "cpu"
-    name = backend_for(x, forced)  # validates the name; its "triton" answer is the batch-norm kernels' own
-    if forced == "triton":
-        return "triton" if on_device and kernel_reason() is None else "cpu"
-    return name
+def params_refusal(x: torch.Tensor, *params: torch.Tensor | None) -> str | None:
+    """Why the row-norm kernels cannot take this call's parameters (on another device than ``x``), or ``None``."""
+    if any(t is not None and t.device != x.device for t in params):
+        return "parameters on another device than the input"
+    return None
 
 
 def needs_grad(*tensors) -> bool:

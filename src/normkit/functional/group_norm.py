@@ -6,8 +6,10 @@ import math
 
 import torch
 
-from . import _checks
-from ._rownorm import Spec, resolve_backend, run
+from .. import kernels
+from . import _checks, reference
+from ._dispatch import backend_for
+from ._rownorm import Spec, params_refusal, run
 
 ACTIVATIONS = (None, "silu", "relu")
 
@@ -87,23 +89,14 @@ def group_norm(
             f"{torch.Size([n * c // num_groups, num_groups, *input.shape[2:]])}; a group of one value has no "
             "variance. Use fewer groups or a larger input."
         )
-    name = resolve_backend(input, backend, lambda: _kernels().supports_group_norm(input, num_groups, activation),
-                           weight, bias)
+    name = backend_for(input, backend, fallback="cpu", refusal=lambda: params_refusal(input, weight, bias)
+                       or kernels.supports_group_norm(input, num_groups, activation))
     if name == "triton":
-        return _kernels().group_norm(input, num_groups, weight, bias, eps, activation=activation)
+        return kernels.group_norm(input, num_groups, weight, bias, eps, activation=activation)
     rest = tuple(input.shape[2:])
     k = c // num_groups
     spec = Spec("group_norm", (n, num_groups, k, *rest), tuple(range(2, input.dim() + 1)),
                 (1, num_groups, k) + (1,) * len(rest), (c,), num_groups)
-    y = run(input, weight, bias, spec, eps, backend=name)[0]
-    if activation == "silu":
-        return torch.nn.functional.silu(y)
-    if activation == "relu":
-        return torch.relu(y)
-    return y
+    return reference.activate(run(input, weight, bias, spec, eps, backend=name)[0], activation)
 
 
-def _kernels():
-    from .. import kernels  # torch-only until a kernel launches (then triton loads)
-
-    return kernels

@@ -6,8 +6,10 @@ import numbers
 
 import torch
 
+from .. import kernels
 from . import _checks
-from ._rownorm import Spec, resolve_backend, run
+from ._dispatch import backend_for
+from ._rownorm import Spec, params_refusal, run
 
 
 def layer_norm(
@@ -68,15 +70,12 @@ def layer_norm(
                 f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
                 f"{list(t.shape)} and normalized_shape = {list(shape)}. Pass a {name} of shape {shape}."
             )
-    name = resolve_backend(input, backend, lambda: _kernels().supports_layer_norm(input, shape), weight, bias)
+    name = backend_for(input, backend, fallback="cpu",
+                       refusal=lambda: params_refusal(input, weight, bias) or kernels.supports_layer_norm(input, shape))
     if name == "triton":
-        return _kernels().layer_norm(input, shape, weight, bias, eps)
+        return kernels.layer_norm(input, shape, weight, bias, eps)
     lead = input.dim() - k
     spec = Spec("layer_norm", tuple(input.shape), tuple(range(lead, input.dim())), (1,) * lead + shape, shape)
     return run(input, weight, bias, spec, eps, backend=name)[0]
 
 
-def _kernels():
-    from .. import kernels  # torch-only until a kernel launches (then triton loads)
-
-    return kernels

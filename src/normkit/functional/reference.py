@@ -188,7 +188,7 @@ def group_norm(input: torch.Tensor, num_groups: int, weight: torch.Tensor | None
         y = y * weight.to(y.dtype).reshape(shape)
     if bias is not None:
         y = y + bias.to(y.dtype).reshape(shape)
-    return _activation(y, activation).to(input.dtype)
+    return activate(y, activation).to(input.dtype)
 
 
 def layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
@@ -211,11 +211,15 @@ def layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | Non
     return y.to(input.dtype)
 
 
-def _activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
-    if activation is None:
-        return y
-    if activation == "silu":
-        return torch.nn.functional.silu(y)
-    if activation == "relu":
-        return torch.relu(y)
-    raise ValueError(f"activation must be one of None, 'silu', 'relu'; got {activation!r}.")
+def activate(z: torch.Tensor, act: str | None) -> torch.Tensor:
+    """``act(z)`` for ``None`` (identity), ``"relu"``, ``"silu"`` or ``"gelu"`` (exact, erf): the activations that
+    normkit fuses into a norm."""
+    if act is None:
+        return z
+    if act == "relu":
+        return torch.relu(z)
+    if act == "silu":
+        return torch.nn.functional.silu(z)
+    if act == "gelu":
+        return torch.nn.functional.gelu(z)
+    raise ValueError(f"activation must be one of None, 'relu', 'silu', 'gelu'; got {act!r}.")

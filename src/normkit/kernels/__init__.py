@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import torch
 
-# --- batch norm (kernels/batch_norm.py) ---
 
 def batch_norm_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *,
                      channel_dim: int = 1, activation: str | None = None, residual: torch.Tensor | None = None):
     """Training batch norm on Triton: ``(y, mean, biased_var)``; see
-    :func:`normkit.kernels.batch_norm.batch_norm_train`."""
-    from .batch_norm import batch_norm_train as impl
+    :func:`normkit.kernels._batch_norm.batch_norm_train`."""
+    from ._batch_norm import batch_norm_train as impl
 
     return impl(x, weight, bias, eps, channel_dim=channel_dim, activation=activation, residual=residual)
 
@@ -23,8 +22,8 @@ def batch_norm_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
 def batch_norm_eval(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
                     weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *, channel_dim: int = 1,
                     activation: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """Evaluation batch norm on Triton: ``y``; see :func:`normkit.kernels.batch_norm.batch_norm_eval`."""
-    from .batch_norm import batch_norm_eval as impl
+    """Evaluation batch norm on Triton: ``y``; see :func:`normkit.kernels._batch_norm.batch_norm_eval`."""
+    from ._batch_norm import batch_norm_eval as impl
 
     return impl(x, running_mean, running_var, weight, bias, eps, channel_dim=channel_dim, activation=activation,
                 residual=residual)
@@ -32,19 +31,9 @@ def batch_norm_eval(x: torch.Tensor, running_mean: torch.Tensor, running_var: to
 
 def supports(x: torch.Tensor, activation: str | None = None) -> str | None:
     """``None`` when the batch-norm kernels take this call, else a short reason (the dispatcher falls back)."""
-    from ._bn_support import supports as impl
+    from ._support import supports as impl
 
     return impl(x, activation)
-
-
-# --- end batch norm ---
-
-# --- group norm and layer norm (kernels/group_norm.py, kernels/layer_norm.py) ---
-# Their host modules import only torch (the Triton kernels load on first launch), so they are imported here,
-# *before* the wrappers of the same names are defined: a submodule imported later would rebind
-# ``normkit.kernels.group_norm`` to the module. Reach the modules through ``sys.modules`` / ``importlib``.
-from . import group_norm as _group_norm_host  # noqa: E402
-from . import layer_norm as _layer_norm_host  # noqa: E402
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
@@ -77,7 +66,9 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
         gn = torch.nn.GroupNorm(32, 320).cuda()
         y = normkit.kernels.group_norm(x, 32, gn.weight, gn.bias, 1e-5, activation="silu")  # GN + SiLU, one pass
     """
-    return _group_norm_host.group_norm(x, num_groups, weight, bias, eps, activation=activation)
+    from ._group_norm import group_norm as impl
+
+    return impl(x, num_groups, weight, bias, eps, activation=activation)
 
 
 def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
@@ -106,20 +97,24 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = 
         x = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
         y = normkit.kernels.layer_norm(x, 4096, torch.ones(4096, device="cuda"), None)
     """
-    return _layer_norm_host.layer_norm(x, normalized_shape, weight, bias, eps)
+    from ._layer_norm import layer_norm as impl
+
+    return impl(x, normalized_shape, weight, bias, eps)
 
 
 def supports_group_norm(x: torch.Tensor, num_groups: int, activation: str | None = None) -> str | None:
     """``None`` when :func:`group_norm` takes this call, else a short reason (the dispatcher falls back to ATen)."""
-    return _group_norm_host.supports(x, num_groups, activation)
+    from ._group_norm import supports as impl
+
+    return impl(x, num_groups, activation)
 
 
 def supports_layer_norm(x: torch.Tensor, normalized_shape) -> str | None:
     """``None`` when :func:`layer_norm` takes this call, else a short reason (the dispatcher falls back to ATen)."""
-    return _layer_norm_host.supports(x, normalized_shape)
+    from ._layer_norm import supports as impl
 
+    return impl(x, normalized_shape)
 
-# --- end group norm and layer norm ---
 
 __all__ = ["batch_norm_eval", "batch_norm_train", "group_norm", "layer_norm", "supports", "supports_group_norm",
            "supports_layer_norm"]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from ._tuning import interpreting, streaming_processors
+from ._support import interpreting
+from ._tuning import streaming_processors
 
 INTERPRET = interpreting()
 

@@ -7,15 +7,10 @@ timing it would be meaningless.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels on the CPU through its interpreter."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+from ._support import interpreting
 
 
 def warp_configs(*num_warps: int) -> list[triton.Config]:

@@ -6,11 +6,10 @@ import torch
 
 from .. import kernels
 from ..functional import _dispatch, _stats, reference
-from ..functional._fused import activate as _activate
-from ..functional._fused import activation_grad as _activation_grad  # noqa: F401  (kept for importers)
 from ..functional._fused import closed_form_backward
 from ..functional._layout import Layout, layout_of
 from ..functional.batch_norm import _forward
+from ..functional.reference import activate as _activate
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 ACTIVATIONS = ("relu", "silu", "gelu", None)
@@ -127,7 +126,7 @@ class _BatchNormActMixin:
             z = super().forward(input)
             return _activate(z + residual if residual is not None else z, self.act)
         layout = layout_of(input, channel)
-        if _dispatch.backend_for(input, activation=self.act) == "triton":  # one fused Triton pass each way
+        if _dispatch.backend_for(input, refusal=lambda: kernels.supports(input, self.act)) == "triton":  # fused
             output, mean, var = self._kernel_forward(input, residual, running_mean, running_var, uses_batch_stats)
         else:
             output, mean, var = _BatchNormAct.apply(input, self.weight, self.bias, residual, running_mean,

@@ -13,18 +13,15 @@ that then normalize. The backward mirrors it: partial group sums and per-channel
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
 from dataclasses import dataclass
 
 import torch
 
 from ._options import COMPILE_OPTIONS
+from ._support import interpreting, refusal
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = (None, "silu", "relu")
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()
 # Values per tile (GPU: 8 KiB of fp32 per loop step), and the group size past which a group is split over several
 # programs. Chosen from first principles, not yet measured on a GPU (see docs/kernels-rownorm.md). The interpreter
 # gets small tiles so that tiny test shapes take several tiles per group.
@@ -69,21 +66,11 @@ def plan(n: int, groups: int, k: int, s: int, channels_inner: bool, *, tile: int
     return Plan(block_c, block_s, -(-s_tiles // per_split), per_split * block_s)
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def supports(x: torch.Tensor, num_groups: int, activation: str | None = None) -> str | None:
     """``None`` when the kernels take this call, else why not (the caller then falls back to ATen)."""
-    if not _triton_installed():
-        return "triton is not installed"
-    if not isinstance(x, torch.Tensor):
-        return f"input is a {type(x).__name__}, not a tensor"
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        return f"input is on {x.device.type}; the kernels need a CUDA tensor (or TRITON_INTERPRET=1 on CPU)"
-    if x.dtype not in DTYPES:
-        return f"dtype {x.dtype} is not supported (float32, float16, bfloat16)"
+    reason = refusal(x)
+    if reason is not None:
+        return reason
     if activation not in ACTIVATIONS:
         return f"activation {activation!r} is not fused (None, 'silu', 'relu')"
     if x.dim() < 2 or not isinstance(num_groups, int) or num_groups <= 0 or x.shape[1] % num_groups:
@@ -108,17 +95,13 @@ def _ncs(t: torch.Tensor) -> torch.Tensor:
 
 
 def _launch_plan(x3: torch.Tensor, groups: int, tile, split_threshold) -> Plan:
+    from ._tuning import streaming_processors  # imports triton: only once a kernel launches
+
     n, c, s = x3.shape
     channels_inner = x3.stride(1) == 1 and c > 1
-    programs = PROGRAMS_PER_SM * _sms(x3.device)
+    programs = PROGRAMS_PER_SM * streaming_processors(x3.device)
     return plan(n, groups, c // groups, s, channels_inner, tile=tile, split_threshold=split_threshold,
                 programs=programs)
-
-
-def _sms(device: torch.device) -> int:
-    from ._tuning import streaming_processors
-
-    return streaming_processors(device)
 
 
 def _codes(activation):

@@ -11,18 +11,15 @@ of rows, and reduces their partial weight/bias sums with one ``sum`` over progra
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
 from ._options import COMPILE_OPTIONS
+from ._support import interpreting, refusal
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()
 # Longest row held whole in registers (GPU: 64 KiB of fp32 over up to 16 warps), and the values a short-row tile
 # aims for. Chosen from first principles, not yet measured on a GPU (docs/kernels-rownorm.md). The interpreter gets
 # small blocks so that tiny test shapes take the tiled path too.
@@ -55,21 +52,11 @@ def plan(d: int, *, max_block: int | None = None, row_tile: int | None = None) -
     return Plan(max(1, min(16, row_tile // block_d)), block_d, True)
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def supports(x: torch.Tensor, normalized_shape) -> str | None:
     """``None`` when the kernels take this call, else why not (the caller then falls back to ATen)."""
-    if not _triton_installed():
-        return "triton is not installed"
-    if not isinstance(x, torch.Tensor):
-        return f"input is a {type(x).__name__}, not a tensor"
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        return f"input is on {x.device.type}; the kernels need a CUDA tensor (or TRITON_INTERPRET=1 on CPU)"
-    if x.dtype not in DTYPES:
-        return f"dtype {x.dtype} is not supported (float32, float16, bfloat16)"
+    reason = refusal(x)
+    if reason is not None:
+        return reason
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if not shape or x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
         return "normalized_shape is not the input's trailing shape"
@@ -84,7 +71,7 @@ def _rows(x: torch.Tensor, d: int) -> torch.Tensor:
 
 def _programs(m: int, p: Plan, device: torch.device, programs: int | None) -> int:
     if programs is None:
-        from ._tuning import interpreting, streaming_processors
+        from ._tuning import streaming_processors
 
         programs = INTERPRET_PROGRAMS if interpreting() else PROGRAMS_PER_SM * streaming_processors(device)
     return max(1, min(programs, -(-m // p.rows)))

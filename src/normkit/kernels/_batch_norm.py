@@ -13,7 +13,7 @@ import torch
 from ..functional import _fused
 from ..functional._layout import Layout, layout_of
 from . import _bn_launch as launch
-from ._bn_support import supports
+from ._support import supports
 
 __all__ = ["batch_norm_eval", "batch_norm_train", "supports"]
 
