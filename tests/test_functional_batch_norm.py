@@ -70,15 +70,16 @@ def test_channel_dim_equals_moving_the_channels(shape, channel_dim):
     assert y.shape == x.shape
 
 
-@pytest.mark.parametrize("kind,pass_name", list(_dispatch.CPU_PLAN))
-@pytest.mark.parametrize("impl", sorted(_dispatch.IMPLEMENTATIONS))
+@pytest.mark.parametrize("kind", list(_dispatch.CPU_PLAN))
+@pytest.mark.parametrize("impl", ["compose", "aten"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_every_implementation_of_every_pass_matches_the_reference(kind, pass_name, impl, dtype, training,
-                                                                   monkeypatch):
-    monkeypatch.setitem(_dispatch.CPU_PLAN, (kind, pass_name), impl)
+def test_every_plan_choice_matches_the_reference(kind, impl, dtype, training, monkeypatch):
+    monkeypatch.setitem(_dispatch.CPU_PLAN, kind, impl)
     torch.manual_seed(0)
     shape = (2, 3, 8, _dispatch.SHORT_PLANE // 8) if kind == "planes" else (4, 3, 5, 6)
+    if kind == "rows" and impl == "compose":
+        pytest.skip("the composition takes contiguous planes only")
     x = torch.randn(shape, dtype=dtype) * 2 + 7
     if kind == "rows":
         x = x.contiguous(memory_format=torch.channels_last)

@@ -79,13 +79,37 @@ def require_eps(eps: float, training: bool) -> None:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}. Use e.g. 1e-5.")
 
 
-def require_momentum(momentum) -> None:
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+def as_float(name: str, value) -> float:
+    """``value`` as a Python float, accepting what torch's argument parser accepts for a ``float`` (Python and numpy
+    numbers, bools, one-element tensors); anything else is a ``TypeError`` with torch's wording."""
+    if isinstance(value, (str, bytes)) or value is None or (isinstance(value, torch.Tensor) and value.numel() != 1):
+        raise TypeError(
+            f"batch_norm(): argument '{name}' must be float, not {type(value).__name__}. Pass a number such as "
+            f"{'0.1' if name == 'momentum' else '1e-5'}"
+            + (" (modules take momentum=None for a cumulative average)." if name == "momentum" else ".")
+        )
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"batch_norm(): argument '{name}' must be float, not {type(value).__name__}.") from None
+
+
+def require_momentum(momentum) -> float:
+    """``momentum`` as a float. torch takes any number here (outside [0, 1] the running update extrapolates), and
+    so does normkit; the convention is ``running = (1 - momentum) * running + momentum * batch``."""
+    return momentum if type(momentum) is float else as_float("momentum", momentum)
+
+
+def require_unit_momentum(momentum, op: str) -> float:
+    """For normkit's own layers whose math needs an EMA weight: a number in [0, 1]."""
+    value = require_momentum(momentum)
+    if not 0.0 <= value <= 1.0:
         raise ValueError(
-            f"batch_norm momentum must be a number in [0, 1] (torch convention: running = (1 - momentum) * running "
-            f"+ momentum * batch), got {momentum!r}. A Keras momentum m converts to 1 - m "
+            f"{op}: momentum must be a number in [0, 1] (torch convention: running = (1 - momentum) * running + "
+            f"momentum * batch), got {momentum!r}. A Keras momentum m converts to 1 - m "
             "(normkit.compat.momentum_from_keras)."
         )
+    return value
 
 
 def require_per_channel(name: str, t: torch.Tensor | None, channels: int, x: torch.Tensor) -> None:
@@ -123,3 +147,75 @@ def require_compatible_dtypes(x: torch.Tensor, **tensors: torch.Tensor | None) -
         f"dtype {expected} for a {x.dtype} input, got {listed}. Convert the module with "
         f".to({x.dtype}) or the input with .to({next(iter(dtypes))})."
     )
+
+
+RUNNING_VAR_MODES = ("unbiased", "biased")
+NONFINITE_POLICIES = ("skip", "propagate", "raise")
+
+
+def validate_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                        running_var_mode, channel_dim, nonfinite) -> tuple[int, float, float]:
+    """Every check of a batch-norm call, before anything is computed or changed: ``(channel index, momentum,
+    eps)`` as Python ints and floats.
+
+    Accepts exactly what :func:`torch.nn.functional.batch_norm` accepts (any number for ``momentum`` and ``eps``,
+    numpy scalars included) and raises torch's error type where torch raises. Written for the common case first
+    (it runs on every call): each test is one comparison, and only a failing one builds the message.
+    """
+    if not isinstance(input, torch.Tensor) or not input.is_floating_point():
+        require_floating(input, "batch_norm")
+    channel = 1 if channel_dim == 1 and input.dim() >= 2 else channel_index(input, channel_dim, "batch_norm")
+    if running_var_mode not in RUNNING_VAR_MODES:
+        choice("running_var_mode", running_var_mode, RUNNING_VAR_MODES)
+    if nonfinite not in NONFINITE_POLICIES:
+        choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+    if type(momentum) is not float:
+        momentum = as_float("momentum", momentum)
+    if type(eps) is not float:
+        eps = as_float("eps", eps)
+    if not (eps > 0 if training else eps >= 0):
+        require_eps(eps, training)
+    channels, device = input.shape[channel], input.device
+    given = [t for t in (running_mean, running_var, weight, bias) if t is not None]
+    if any(not isinstance(t, torch.Tensor) or t.numel() != channels or t.device != device for t in given):
+        for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                        ("bias", bias)):
+            require_per_channel(name, t, channels, input)
+    if given and not _dtypes_fit(input.dtype, given):
+        require_compatible_dtypes(input, weight=weight, bias=bias, running_mean=running_mean,
+                                  running_var=running_var)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            "running_mean and running_var must either both be None or neither be None; got "
+            f"running_mean={'a tensor' if running_mean is not None else 'None'} and "
+            f"running_var={'a tensor' if running_var is not None else 'None'}. Pass both buffers, or neither to "
+            "use the batch's statistics without tracking them."
+        )
+    if running_mean is not None:
+        if running_mean.dim() != 1 or running_var.dim() != 1:
+            raise RuntimeError(
+                f"batch_norm: running_mean and running_var must be 1D ({channels},) tensors, got shapes "
+                f"{tuple(running_mean.shape)} and {tuple(running_var.shape)}. Flatten them, e.g. "
+                "running_mean.view(-1)."
+            )
+        if running_mean.requires_grad or running_var.requires_grad:
+            raise RuntimeError(
+                "The function 'native_batch_norm' is not differentiable with respect to argument 'running_mean'. "
+                "This input cannot have requires_grad True. Running statistics are buffers: pass "
+                "running_mean.detach() / running_var.detach() (or register them with register_buffer)."
+            )
+    elif not training:
+        raise RuntimeError(
+            "running_mean must be defined in evaluation mode: with training=False batch_norm normalizes with the "
+            "running statistics. Pass them, or training=True to use the batch's statistics."
+        )
+    if training and input.numel() == channels:
+        require_more_than_one_value_per_channel(input, channel)
+    return channel, momentum, eps
+
+
+def _dtypes_fit(input_dtype: torch.dtype, tensors: list[torch.Tensor]) -> bool:
+    dtype = tensors[0].dtype
+    if any(t.dtype != dtype for t in tensors):
+        return False
+    return dtype == input_dtype or (dtype == torch.float32 and input_dtype in LOW_PRECISION)

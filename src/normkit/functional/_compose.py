@@ -139,3 +139,41 @@ def backward(dyc, xc, kind, weight, mean, var, eps, training, grad_affine):
     if not grad_affine:
         return dxc, None, None
     return dxc, (sum_dy_centred * invstd).to(weight.dtype), sum_dy.to(weight.dtype)
+
+
+class ComposedTrain(torch.autograd.Function):
+    """Training forward of an NCHW-contiguous ``(N, C, *)`` tensor with :func:`moments` and ATen's per-channel
+    multiply-add; ATen's training backward (the closed form in differentiable ops under ``create_graph``).
+
+    Returns ``(y, mean, biased var)``; ``y`` is a fresh tensor of the input's shape (not a view), so in-place ops
+    after the layer work. Eager CPU only (see ``_dispatch.composes_training``): torch.func, forward-mode AD and the
+    compilers take ATen's ops instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float):
+        xc = x.view(x.shape[0], x.shape[1], -1)
+        mean, var = moments(xc, "planes")
+        scale, shift = affine_coefficients(mean, var, weight, bias, eps)
+        y = torch.ops.aten._native_batch_norm_legit_no_training(x, scale, shift, torch.zeros_like(scale),
+                                                                torch.ones_like(scale), 0.0, 0.0)[0]
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_mean, _grad_var):
+        from . import reference
+
+        x, weight, mean, var = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: statistics as functions of x, in differentiable ops
+            mean, var = reference.batch_moments(x, 1)
+            dx, dw, db = reference.batch_norm_backward(grad_output, x, weight, mean, torch.rsqrt(var + ctx.eps),
+                                                       True, 1)
+        else:
+            need = ctx.needs_input_grad
+            mask = [need[0], weight is not None and need[1], weight is not None and need[2]]
+            dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+                grad_output, x, weight, None, None, mean, torch.rsqrt(var + ctx.eps), True, ctx.eps, mask)
+        return dx, dw, db, None

@@ -1,10 +1,10 @@
-"""Picks the implementation of each batch-norm pass: one seam between the math and the kernels.
+"""Picks the backend of each call, after the front (validation, memory format, dtype policy) has run.
 
-Backends: ``"reference"`` (the readable oracle, autograd through plain torch ops), ``"cpu"`` (normkit's fast
-path: per layout and pass the faster of a torch composition and ATen's native kernel, as measured in
-BENCHMARKS.md; it runs on any device), ``"triton"`` (``normkit.kernels``: the default for CUDA tensors when triton is
-installed and the kernels take the call). ``NORMKIT_BACKEND`` or a ``backend=`` argument forces one; a forced
-``"triton"`` falls back to ``"reference"`` for calls the kernels do not take (see ``docs/kernels.md``).
+Backends only compute: ``"cpu"`` (torch's ATen ops, ``_aten``, with normkit's faster statistics pass, ``_compose``,
+where CPU_PLAN says it measured faster; it runs on any device), ``"reference"`` (the readable oracle),
+``"triton"`` (``normkit.kernels``: the default for CUDA tensors when triton is installed and the kernels take the
+call). ``NORMKIT_BACKEND`` or a ``backend=`` argument forces one; a forced ``"triton"`` falls back for calls the
+kernels do not take (see ``docs/kernels.md``).
 """
 
 from __future__ import annotations
@@ -12,47 +12,34 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from types import ModuleType
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from .. import kernels
-from . import _aten, _compose
-from ._layout import Layout
 
 BACKENDS = ("reference", "cpu", "triton")
 
-# Which implementation runs each pass on each canonical layout. "compose" is normkit's torch composition
-# (_compose), "aten" ATen's native kernel for that pass alone (_aten). Measured side by side with
-# `python benchmarks/bench_batchnorm.py --passes` on the 2-core CI machine; the numbers are in BENCHMARKS.md.
-# "short_planes" are planes of fewer than SHORT_PLANE values (e.g. 7x7 maps), where the composition's per-call cost
-# outweighs what it saves over ATen's per-channel loop.
+# Where normkit's composition (_compose: a corrected two-pass statistics pass over contiguous planes, then ATen's
+# per-channel multiply-add) replaces ATen's training forward on the "cpu" backend; its backward is always ATen's.
+# Measured side by side with `python benchmarks/bench_batchnorm.py --passes` on the 2-core CI machine (numbers in
+# BENCHMARKS.md). "short_planes" are planes of fewer than SHORT_PLANE values (e.g. 7x7 maps), where the
+# composition's per-call cost outweighs what it saves over ATen's per-channel loop. Everything else (evaluation,
+# backward, channels_last "rows", float16/bfloat16/float64) is ATen's, and so is every call under torch.compile,
+# export, torch.func, forward-mode AD or tracing: the composition is an eager, CPU, float32 shortcut.
 SHORT_PLANE = 128
-CPU_PLAN: dict[tuple[str, str], str] = {
-    ("planes", "train_forward"): "compose",
-    ("planes", "normalize"): "aten",
-    ("planes", "backward"): "aten",
-    ("short_planes", "train_forward"): "aten",
-    ("short_planes", "normalize"): "aten",
-    ("short_planes", "backward"): "aten",
-    ("rows", "train_forward"): "aten",
-    ("rows", "normalize"): "aten",
-    ("rows", "backward"): "aten",
-}
-
-IMPLEMENTATIONS: dict[str, ModuleType] = {"compose": _compose, "aten": _aten}
+CPU_PLAN: dict[str, str] = {"planes": "compose", "short_planes": "aten", "rows": "aten"}
 
 
 def backend_for(x: torch.Tensor, requested: str | None = None, *,
-                refusal: Callable[[], str | None] | None = None, fallback: str = "reference") -> str:
+                refusal: Callable[[], str | None] | None = None, fallback: str = "cpu") -> str:
     """The backend for one call: ``requested``, else ``$NORMKIT_BACKEND``, else the default.
 
     ``refusal()`` says why the Triton kernels would not take this call (``None``: they take it); by default the
     batch-norm kernels' answer :func:`normkit.kernels.supports` for ``x``. The default backend is ``"triton"`` for a
     CUDA tensor the kernels take, else ``"cpu"``. A forced ``"triton"`` needs a CUDA tensor, or a CPU one under
     ``TRITON_INTERPRET=1`` (Triton's interpreter, how the tests run the kernels); a call the kernels refuse
-    (float64, ``"gelu"``, ...) runs ``fallback`` instead (batch norm: ``"reference"``; group and layer norm pass
-    ``"cpu"``, ATen's kernels).
+    (float64, ``"gelu"``, ...) runs ``fallback`` instead (``"cpu"``: torch's ATen ops with the same semantics).
 
     Examples::
 
@@ -82,42 +69,30 @@ def backend_for(x: torch.Tensor, requested: str | None = None, *,
     return name
 
 
-def plan_kind(kind: str, plane_size: int) -> str:
-    """The CPU_PLAN row of a canonical layout: its memory kind, with short planes apart."""
-    return "short_planes" if kind == "planes" and plane_size < SHORT_PLANE else kind
+def plan_kind(x: torch.Tensor) -> str:
+    """The CPU_PLAN row of an ``(N, C, *)`` tensor in torch's memory format: contiguous planes (short or not), or
+    channels-innermost rows."""
+    if x.dim() > 2 and x.is_contiguous():
+        return "short_planes" if math.prod(x.shape[2:]) < SHORT_PLANE else "planes"
+    return "rows"
 
 
-def aten_end_to_end(layout: Layout, training: bool) -> bool:
-    """Whether ATen's kernel runs both the forward and the backward of this call (then autograd needs no help)."""
-    kind = plan_kind(layout.kind, math.prod(layout.shape[layout.channel + 1:]))
-    forward = "train_forward" if training else "normalize"
-    return CPU_PLAN[(kind, forward)] == CPU_PLAN[(kind, "backward")] == "aten"
+def eager_cpu(x: torch.Tensor) -> bool:
+    """Whether this call runs eagerly on a plain CPU tensor: no compiler, exporter or tracer, no ``torch.func``
+    transform, no forward-mode AD. Only then may a backend use a custom autograd function or read a value on the
+    host (free on CPU); everything else takes ATen's ops, which every transform understands."""
+    return (x.device.type == "cpu" and type(x) is torch.Tensor and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing() and _forward_ad._current_level < 0
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
-def aten_in_place(x: torch.Tensor, layout: Layout) -> bool:
-    """Whether ATen may also move the running statistics of this training call (torch's rule, unbiased variance):
-    when it wins both passes, on CPU (its non-finite check is a host read) and outside ``torch.compile``."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling() and aten_end_to_end(layout, True)
+def composes_training(x: torch.Tensor) -> bool:
+    """Whether the "cpu" backend computes this training call's statistics with normkit's composition."""
+    return x.dtype == torch.float32 and CPU_PLAN[plan_kind(x)] == "compose" and eager_cpu(x)
 
 
-def _impl(xc: torch.Tensor, kind: str, pass_name: str) -> ModuleType:
-    return IMPLEMENTATIONS[CPU_PLAN[(plan_kind(kind, xc.shape[-1]), pass_name)]]
-
-
-def train_forward(xc, kind, weight, bias, eps):
-    """Batch statistics and the normalized output: ``(y, mean, biased var)`` on a canonical layout."""
-    impl = _impl(xc, kind, "train_forward")
-    if impl is _aten:
-        return _aten.train_forward(xc, kind, weight, bias, eps)
-    mean, var = impl.moments(xc, kind)
-    return normalize(xc, kind, mean, var, weight, bias, eps), mean, var
-
-
-def normalize(xc, kind, mean, var, weight, bias, eps):
-    """``(x - mean) / sqrt(var + eps) * weight + bias`` on a canonical layout."""
-    return _impl(xc, kind, "normalize").normalize(xc, kind, mean, var, weight, bias, eps)
-
-
-def backward(dyc, xc, kind, weight, mean, var, eps, training, grad_affine):
-    """``(grad_input, grad_weight, grad_bias)`` on a canonical layout."""
-    return _impl(xc, kind, "backward").backward(dyc, xc, kind, weight, mean, var, eps, training, grad_affine)
+def params_refusal(x: torch.Tensor, *params: torch.Tensor | None) -> str | None:
+    """Why a kernel cannot take this call's parameters (on another device than ``x``), or ``None``."""
+    if any(t is not None and t.device != x.device for t in params):
+        return "parameters on another device than the input"
+    return None

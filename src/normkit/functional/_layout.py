@@ -57,3 +57,42 @@ def layout_of(x: torch.Tensor, channel: int) -> Layout:
     else:
         kind = "rows" if x.movedim(channel, -1).is_contiguous() else "planes"
     return Layout(kind, channel, tuple(x.shape))
+
+
+def _strides_like_channels_last(sizes: tuple[int, ...], strides: tuple[int, ...], order: tuple[int, ...]) -> bool:
+    """torch's ``is_channels_last_strides_{2d,3d}``: whether the strides rank the channels innermost."""
+    smallest = 0
+    if strides[1] == 0:  # a broadcast channel dimension: ambiguous, torch defaults to the contiguous format
+        return False
+    for d in order:
+        if sizes[d] == 0 or strides[d] < smallest:
+            return False
+        if d == 0 and smallest == strides[1]:
+            return False
+        smallest = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return True
+
+
+def suggest_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """torch's ``Tensor.suggest_memory_format()`` (not exposed in Python): channels_last (3d) when a 4D (5D)
+    tensor's strides put the channels innermost, else the contiguous format. torch's CPU batch and group norm
+    allocate their output in this format, and so does every normkit backend."""
+    if x.dim() == 4 and not x.is_contiguous():
+        if x.is_contiguous(memory_format=torch.channels_last) or _strides_like_channels_last(
+                tuple(x.shape), x.stride(), (1, 3, 2, 0)):
+            return torch.channels_last
+    elif x.dim() == 5 and not x.is_contiguous():
+        if x.is_contiguous(memory_format=torch.channels_last_3d) or _strides_like_channels_last(
+                tuple(x.shape), x.stride(), (1, 4, 3, 2, 0)):
+            return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def in_torch_format(x: torch.Tensor) -> torch.Tensor:
+    """``x`` dense in its suggested memory format (a copy only if it is not already): what torch's batch and group
+    norm compute on, so that every backend produces torch's output strides (sliced, transposed and expanded
+    inputs give a contiguous output; channels_last stays channels_last)."""
+    if x.is_contiguous():
+        return x
+    memory_format = suggest_memory_format(x)
+    return x if x.is_contiguous(memory_format=memory_format) else x.contiguous(memory_format=memory_format)

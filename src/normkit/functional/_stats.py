@@ -56,21 +56,45 @@ def update_running_stats(
     nonfinite: str,
 ) -> None:
     """Move the running statistics (both tensors, or both None) in place towards the batch's ``mean`` and
-    biased ``var`` over ``count`` values.
+    biased ``var`` over ``count`` values, by torch's formula ``(1 - momentum) * running + momentum * batch``
+    (a running value that is already inf stays inf, as in torch).
 
     ``nonfinite="skip"`` keeps the old values of every channel whose batch statistics are not finite (no host
-    synchronisation), ``"propagate"`` lets them through (torch's behaviour); ``"raise"`` must have been checked
-    by the caller before anything changed.
+    synchronisation), ``"propagate"`` lets them through (torch's behaviour), ``"raise"`` raises
+    ``FloatingPointError`` before anything changes (a host read).
     """
     if count == 0 or running_mean is None:
         return
+    if nonfinite == "raise":
+        require_finite_statistics(mean, var)
     stored_var = unbiased(var, count) if running_var_mode == "unbiased" else var
-    if nonfinite == "skip":  # a skipped channel moves towards itself: lerp(a, a, m) == a exactly
-        finite = torch.isfinite(mean + var)
-        mean = torch.where(finite, mean, running_mean)
-        stored_var = torch.where(finite, stored_var, running_var)
-    torch._foreach_lerp_([running_mean, running_var],
-                         [mean.to(running_mean.dtype), stored_var.to(running_var.dtype)], momentum)
+    old = torch.stack((running_mean, running_var))
+    batch = torch.stack((mean, stored_var)).to(old.dtype)
+    new = old * (1.0 - momentum) + batch * momentum
+    if nonfinite == "skip":
+        new = torch.where(torch.isfinite(mean) & torch.isfinite(var), new, old)
+    write_running(running_mean, running_var, new)
+
+
+def write_running(running_mean: torch.Tensor, running_var: torch.Tensor, values: torch.Tensor) -> None:
+    """Copy the stacked ``(2, C)`` ``values`` into the buffers without bumping their autograd version, as ATen's own
+    update does (a graph that saved the buffers, e.g. an earlier call in eval mode, stays valid)."""
+    torch._foreach_copy_([running_mean.data, running_var.data], [values[0], values[1]])
+
+
+def restore_nonfinite_channels(running_mean: torch.Tensor, running_var: torch.Tensor, old: torch.Tensor,
+                               save_mean: torch.Tensor, save_invstd: torch.Tensor, nonfinite: str) -> None:
+    """After ATen moved the buffers itself (torch's rule), apply normkit's policy to the channels whose batch
+    statistics were not finite: ``"skip"`` puts their old values (the stacked ``(2, C)`` ``old``) back, ``"raise"``
+    puts every old value back and raises. ATen's ``save_mean``/``save_invstd`` tell the channels apart: a batch
+    variance of inf gives ``invstd == 0``, a NaN one NaN."""
+    finite = torch.isfinite(save_mean) & torch.isfinite(save_invstd) & (save_invstd > 0)
+    if nonfinite == "raise":
+        if not bool(finite.all()):
+            write_running(running_mean, running_var, old)
+            require_finite_channels(finite)
+        return
+    write_running(running_mean, running_var, torch.where(finite, torch.stack((running_mean, running_var)), old))
 
 
 def require_finite_statistics(mean: torch.Tensor, var: torch.Tensor) -> None:
@@ -99,5 +123,7 @@ __all__ = [
     "require_finite_channels",
     "require_finite_statistics",
     "unbiased",
+    "restore_nonfinite_channels",
     "update_running_stats",
+    "write_running",
 ]

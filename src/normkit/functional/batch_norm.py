@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import kernels
-from . import _aten, _dispatch, _stats, reference
-from ._layout import Layout, layout_of
+from . import _aten, _checks, _compose, _dispatch, _layout, _stats, reference
 
 
 def batch_norm(
@@ -66,105 +67,78 @@ def batch_norm(
         >>> rm, rv
         (tensor([0.2500]), tensor([1.0667]))
     """
-    channel = reference.validate_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-                                            eps, running_var_mode, channel_dim, nonfinite)
-    backend = _dispatch.backend_for(input, backend)
-    if backend == "reference":
-        return reference.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                    running_var_mode=running_var_mode, channel_dim=channel, nonfinite=nonfinite)
-    if input.numel() == 0:
-        return _empty_output(input, weight, bias)
-    layout = layout_of(input, channel)
-    if backend == "triton":
-        if training:
-            output, mean, var = kernels.batch_norm_train(input, weight, bias, eps, channel_dim=channel)
-        else:
-            output = kernels.batch_norm_eval(input, running_mean, running_var, weight, bias, eps,
-                                             channel_dim=channel)
-    elif training and running_var_mode == "unbiased" and _dispatch.aten_in_place(input, layout):
-        # ATen's kernels win both passes on this layout (BENCHMARKS.md) and its running update is torch's rule:
-        # call its differentiable op on the real buffers (its backward is ATen's own, double backward included).
-        xn = _aten.native_view(input, layout)
-        yn = _aten.train_forward_in_place(xn, weight, bias, running_mean, running_var, momentum, eps, nonfinite)
-        return _aten.native_restore(yn, input, layout)
-    elif _dispatch.aten_end_to_end(layout, training):
-        xn = _aten.native_view(input, layout)
-        if training:
-            yn, mean, var = _aten.train_forward(xn, layout.kind, weight, bias, eps)
-        else:
-            yn = _aten.normalize(xn, layout.kind, running_mean, running_var, weight, bias, eps)
-        output = _aten.native_restore(yn, input, layout)
-    elif _needs_grad(input, weight, bias):
-        output, mean, var = _BatchNorm.apply(input, weight, bias, running_mean, running_var, training, eps, layout)
+    channel, momentum, eps = _checks.validate_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                                         momentum, eps, running_var_mode, channel_dim, nonfinite)
+    x = _native(input, channel)
+    name = _dispatch.backend_for(x, backend)
+    if x.numel() == 0:  # torch's result: an empty output that still depends on the affine parameters
+        output = _aten.evaluate(x, running_mean, running_var, weight, bias, eps, training)
+    elif not training:
+        output = _evaluate(name, x, running_mean, running_var, weight, bias, eps)
+    elif (name == "cpu" and (running_var_mode == "unbiased" or running_mean is None)
+          and not _dispatch.composes_training(x)):
+        output = _train_in_place(x, weight, bias, running_mean, running_var, momentum, eps, nonfinite)
     else:
-        output, mean, var = _forward(input, weight, bias, running_mean, running_var, training, eps, layout)
-    if training:
-        if nonfinite == "raise":
-            _stats.require_finite_statistics(mean, var)
+        output, mean, var = _train(name, x, weight, bias, eps)
         with torch.no_grad():
-            _stats.update_running_stats(running_mean, running_var, mean, var, layout.count, momentum,
-                                        running_var_mode, nonfinite)
+            _stats.update_running_stats(running_mean, running_var, mean, var, x.numel() // max(x.shape[1], 1),
+                                        momentum, running_var_mode, nonfinite)
+    return output if channel == 1 else output.view(input.shape)
+
+
+def _native(input: torch.Tensor, channel: int) -> torch.Tensor:
+    """The tensor every backend computes on: ``(N, C, *)`` dense in torch's memory format for that input (a copy
+    only for sliced, transposed or expanded inputs), or, for channels at another ``channel_dim``, the contiguous
+    input viewed as ``(P, C, S)`` (``(P, C)`` when nothing follows the channels)."""
+    if channel == 1:
+        return _layout.in_torch_format(input)
+    before, after = math.prod(input.shape[:channel]), math.prod(input.shape[channel + 1:])
+    shape = (before, input.shape[channel]) if after == 1 else (before, input.shape[channel], after)
+    return input.contiguous().view(shape)
+
+
+def _evaluate(name, x, running_mean, running_var, weight, bias, eps):
+    if name == "triton":
+        return kernels.batch_norm_eval(x, running_mean, running_var, weight, bias, eps)
+    if name == "reference":
+        return reference.normalize(x, 1, running_mean, running_var, weight, bias, eps)
+    return _aten.evaluate(x, running_mean, running_var, weight, bias, eps)
+
+
+def _train(name, x, weight, bias, eps):
+    """``(output, batch mean, biased batch variance)`` from the backend, for the front to store."""
+    if name == "triton":
+        return kernels.batch_norm_train(x, weight, bias, eps)
+    if name == "reference":
+        return reference.train_forward(x, 1, weight, bias, eps)
+    if _dispatch.composes_training(x):
+        return _compose.ComposedTrain.apply(x, weight, bias, eps)
+    return _aten.train(x, weight, bias, eps)
+
+
+def _train_in_place(x, weight, bias, running_mean, running_var, momentum, eps, nonfinite):
+    """ATen moves the buffers by torch's rule; the non-finite policy then puts back what it must. Eagerly on CPU
+    one cheap host read tells whether any running value came out non-finite (nothing to do otherwise); elsewhere
+    the same correction runs branch-free."""
+    if nonfinite == "propagate" or running_mean is None:
+        return _aten.train_in_place(x, weight, bias, running_mean, running_var, momentum, eps)[0]
+    old = torch.stack((running_mean, running_var))
+    output, save_mean, save_invstd = _aten.train_in_place(x, weight, bias, running_mean, running_var, momentum, eps)
+    if nonfinite == "skip" and _dispatch.eager_cpu(x) and math.isfinite(torch.dot(running_mean, running_var)):
+        return output
+    with torch.no_grad():
+        _stats.restore_nonfinite_channels(running_mean, running_var, old, save_mean, save_invstd, nonfinite)
     return output
 
 
-def _needs_grad(input, weight, bias) -> bool:
-    return torch.is_grad_enabled() and (input.requires_grad or any(
-        t is not None and t.requires_grad for t in (weight, bias)))
-
-
-def _forward(input, weight, bias, running_mean, running_var, training, eps, layout):
-    """The forward passes without autograd: ``(output, mean, biased var)``."""
-    xc = layout.view(input)
-    if training:
-        yc, mean, var = _dispatch.train_forward(xc, layout.kind, weight, bias, eps)
+def train_with_statistics(input: torch.Tensor, channel: int, weight, bias, eps: float, backend: str | None = None):
+    """A validated training call without running statistics through the front: ``(output, batch mean, biased
+    batch variance)``, the statistics in at least float32 and not differentiable. For the layers built on batch
+    norm's training pass (batch renorm, BatchNormAct)."""
+    x = _native(input, channel)
+    if x.numel() == 0:
+        nan = torch.full((x.shape[1],), float("nan"), device=x.device)
+        output, mean, var = _aten.evaluate(x, None, None, weight, bias, eps, True), nan, nan
     else:
-        mean, var = running_mean, running_var
-        yc = _dispatch.normalize(xc, layout.kind, mean, var, weight, bias, eps)
-    return layout.restore(yc), mean, var
-
-
-def _empty_output(input, weight, bias):
-    """torch's result for an empty batch: an empty tensor that still depends on the affine parameters."""
-    output = input.clone()
-    if weight is not None:
-        output = output * weight.view(-1)[:1].to(input.dtype).sum()
-    if bias is not None:
-        output = output + bias.view(-1)[:1].to(input.dtype).sum()
-    return output
-
-
-class _BatchNorm(torch.autograd.Function):
-    """Forward through the dispatched passes; backward in closed form (differentiable under ``create_graph``)."""
-
-    @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training: bool, eps: float, layout: Layout):
-        if not training:  # saved for backward: later updates of the buffers must not change this gradient
-            acc = _stats.accumulation_dtype(input.dtype)
-            running_mean, running_var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
-        output, mean, var = _forward(input, weight, bias, running_mean, running_var, training, eps, layout)
-        ctx.save_for_backward(input, weight, mean, var)
-        ctx.training, ctx.eps, ctx.layout = training, eps, layout
-        ctx.mark_non_differentiable(mean, var)
-        return output, mean, var
-
-    @staticmethod
-    def backward(ctx, grad_output, _grad_mean, _grad_var):
-        input, weight, mean, var = ctx.saved_tensors
-        layout, training, eps = ctx.layout, ctx.training, ctx.eps
-        grad_affine = weight is not None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
-        if torch.is_grad_enabled():  # create_graph=True: express the gradient through differentiable ops
-            if training:
-                mean, var = reference.batch_moments(input, layout.channel)
-            grad_input, grad_weight, grad_bias = reference.batch_norm_backward(
-                grad_output, input, weight, mean, torch.rsqrt(var + eps), training, layout.channel)
-        else:
-            dxc, grad_weight, grad_bias = _dispatch.backward(layout.view(grad_output), layout.view(input),
-                                                             layout.kind, weight, mean, var, eps, training,
-                                                             grad_affine)
-            grad_input = layout.restore(dxc)
-        return (
-            grad_input if ctx.needs_input_grad[0] else None,
-            grad_weight if ctx.needs_input_grad[1] else None,
-            grad_bias if ctx.needs_input_grad[2] else None,
-            None, None, None, None, None,
-        )
+        output, mean, var = _train(_dispatch.backend_for(x, backend), x, weight, bias, eps)
+    return (output if channel == 1 else output.view(input.shape)), mean, var

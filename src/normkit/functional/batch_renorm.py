@@ -6,9 +6,8 @@ import math
 
 import torch
 
-from . import _stats, reference
-from ._layout import layout_of
-from .batch_norm import _BatchNorm, _forward, _needs_grad, batch_norm
+from . import _checks, _stats, reference
+from .batch_norm import batch_norm, train_with_statistics
 
 
 def check_bounds(rmax, dmax, op: str = "batch_renorm") -> None:
@@ -78,12 +77,12 @@ def batch_renorm(
         tensor([1.0000, 2.0000, 3.0000, 4.0000])
     """
     check_bounds(rmax, dmax)
-    channel = reference.validate_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-                                            eps, running_var_mode, channel_dim, nonfinite)
+    channel, momentum, eps = _checks.validate_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                                         momentum, eps, running_var_mode, channel_dim, nonfinite)
     if not training or running_mean is None or input.numel() == 0:
         return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                           running_var_mode=running_var_mode, channel_dim=channel_dim, nonfinite=nonfinite)
-    y, mean, var = _train_forward(input, weight, bias, eps, channel)
+    y, mean, var = train_with_statistics(input, channel, weight, bias, eps)
     if nonfinite == "raise":
         _stats.require_finite_statistics(mean, var)
     with torch.no_grad():  # r and d: constants of this step, from the running statistics before the update
@@ -93,14 +92,6 @@ def batch_renorm(
         _stats.update_running_stats(running_mean, running_var, mean, var, input.numel() // input.shape[channel],
                                     momentum, running_var_mode, nonfinite)
     return _correct(y, r, d, weight, bias, channel)
-
-
-def _train_forward(input, weight, bias, eps, channel):
-    """Batch norm's training pass (dispatched kernels, explicit backward): ``(output, mean, biased var)``."""
-    layout = layout_of(input, channel)
-    if _needs_grad(input, weight, bias):
-        return _BatchNorm.apply(input, weight, bias, None, None, True, eps, layout)
-    return _forward(input, weight, bias, None, None, True, eps, layout)
 
 
 def _correct(y, r, d, weight, bias, channel):
@@ -175,8 +166,8 @@ def batch_renorm_keras(
     check_bounds(max(rmax, 1.0), dmax, "batch_renorm_keras")
     if not 0 <= rmin <= rmax:
         raise ValueError(f"batch_renorm_keras: need 0 <= rmin <= rmax, got rmin={rmin!r}, rmax={rmax!r}.")
-    channel = reference.validate_batch_norm(input, moving_mean, moving_variance, weight, bias, training, momentum,
-                                            eps, "biased", channel_dim, "propagate")
+    channel, momentum, eps = _checks.validate_batch_norm(input, moving_mean, moving_variance, weight, bias, training,
+                                                         momentum, eps, "biased", channel_dim, "propagate")
     for name, t in (("moving_stddev", moving_stddev), ("renorm_mean", renorm_mean),
                     ("renorm_stddev", renorm_stddev)):
         if not isinstance(t, torch.Tensor) or t.shape != moving_mean.shape or t.dtype != moving_mean.dtype:
@@ -188,7 +179,7 @@ def batch_renorm_keras(
     if not training or input.numel() == 0:
         return batch_norm(input, moving_mean, moving_variance, weight, bias, training, momentum, eps,
                           running_var_mode="biased", channel_dim=channel_dim, nonfinite="propagate")
-    y, mean, var = _train_forward(input, weight, bias, eps, channel)
+    y, mean, var = train_with_statistics(input, channel, weight, bias, eps)
     with torch.no_grad():
         acc = mean.dtype
         stddev = torch.sqrt(var + eps)

@@ -112,8 +112,8 @@ def _ghost_batch_norm(input, running_mean, running_var, weight, bias, training, 
     _checks.choice("grouping", grouping, GROUPINGS)
     momenta = momentum if isinstance(momentum, (list, tuple)) else None
     first = float(momenta[0]) if momenta else momentum
-    channel = reference.validate_batch_norm(input, running_mean, running_var, weight, bias, training, first, eps,
-                                            running_var_mode, 1, nonfinite)
+    channel, first, eps = _checks.validate_batch_norm(input, running_mean, running_var, weight, bias, training, first,
+                                                      eps, running_var_mode, 1, nonfinite)
     if not training:
         return batch_norm(input, running_mean, running_var, weight, bias, False, first, eps,
                           running_var_mode=running_var_mode, nonfinite=nonfinite, backend=backend)

@@ -8,8 +8,8 @@ import torch
 
 from .. import kernels
 from . import _checks, reference
-from ._dispatch import backend_for
-from ._rownorm import Spec, params_refusal, run
+from ._dispatch import backend_for, params_refusal
+from ._layout import in_torch_format
 
 ACTIVATIONS = (None, "silu", "relu")
 
@@ -31,7 +31,8 @@ def group_norm(
         + \beta\right)
 
     Same positional signature, defaults and errors as :func:`torch.nn.functional.group_norm` (Wu & He, 2018).
-    Statistics are two-pass and taken in at least float32; a channels_last input gives a channels_last output.
+    Statistics are taken in at least float32; the output has torch's memory format (channels_last stays
+    channels_last; sliced, transposed or expanded inputs give a contiguous output).
     ``activation`` (keyword-only) follows the affine, as in U-Net blocks (GroupNorm(32) + SiLU): one fused pass
     on the Triton backend, the norm then ``silu``/``relu`` elsewhere.
 
@@ -43,8 +44,8 @@ def group_norm(
         eps: added to the variance inside the square root. Default: ``1e-5``.
         activation: ``None``, ``"silu"`` or ``"relu"``, applied after the affine. Default: ``None``.
         backend: ``"triton"`` (default for CUDA tensors the kernels take: ``normkit.kernels.group_norm``),
-            ``"cpu"`` (default otherwise: the fastest measured path, ATen's kernel) or ``"reference"`` (the
-            composition). Calls the kernels do not take (float64, ...) run ``"cpu"`` even when ``"triton"`` is
+            ``"cpu"`` (default otherwise: torch's own op) or ``"reference"`` (the readable composition). Calls
+            the kernels do not take (float64, ...) run ``"cpu"`` even when ``"triton"`` is
             forced. Default: ``None`` (``$NORMKIT_BACKEND``, else the default).
 
     Shape:
@@ -89,14 +90,13 @@ def group_norm(
             f"{torch.Size([n * c // num_groups, num_groups, *input.shape[2:]])}; a group of one value has no "
             "variance. Use fewer groups or a larger input."
         )
-    name = backend_for(input, backend, fallback="cpu", refusal=lambda: params_refusal(input, weight, bias)
-                       or kernels.supports_group_norm(input, num_groups, activation))
+    x = in_torch_format(input)
+    name = backend_for(x, backend, refusal=lambda: params_refusal(x, weight, bias)
+                       or kernels.supports_group_norm(x, num_groups, activation))
     if name == "triton":
-        return kernels.group_norm(input, num_groups, weight, bias, eps, activation=activation)
-    rest = tuple(input.shape[2:])
-    k = c // num_groups
-    spec = Spec("group_norm", (n, num_groups, k, *rest), tuple(range(2, input.dim() + 1)),
-                (1, num_groups, k) + (1,) * len(rest), (c,), num_groups)
-    return reference.activate(run(input, weight, bias, spec, eps, backend=name)[0], activation)
-
-
+        return kernels.group_norm(x, num_groups, weight, bias, eps, activation=activation)
+    if name == "reference":
+        y = reference.group_norm(x, num_groups, weight, bias, eps)
+    else:
+        y = torch.group_norm(x, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
+    return reference.activate(y, activation)

@@ -6,9 +6,8 @@ import math
 
 import torch
 
-from . import _checks
-from ._rownorm import Spec, moments, run
-from ._stats import accumulation_dtype
+from . import _checks, _stats, reference
+from ._dispatch import backend_for
 
 
 def instance_norm(
@@ -32,7 +31,7 @@ def instance_norm(
     2016). With ``use_input_stats`` and running statistics given, they move in place as torch moves them: each
     instance's EMA update, averaged over the batch, i.e.
     ``running = (1 - momentum) * running + momentum * mean_n(stat_n)`` (unbiased variance per instance). Without
-    ``use_input_stats`` the running statistics normalize. A channels_last input gives a channels_last output.
+    ``use_input_stats`` the running statistics normalize. The output is contiguous, as torch's.
 
     Args:
         input: ``(N, C, *)`` tensor.
@@ -41,10 +40,11 @@ def instance_norm(
         use_input_stats: normalize with each instance's statistics. Default: ``True``.
         momentum: EMA factor of the running update (torch convention). Default: ``0.1``.
         eps: added to the variance inside the square root. Default: ``1e-5``.
-        backend: ``"cpu"`` (default: the fastest measured path) or ``"reference"`` (the composition).
+        backend: ``"cpu"`` (default: torch's ops; without running statistics ATen's group norm with one group per
+            channel, which measured faster than torch's batch-norm route) or ``"reference"`` (the composition).
 
     Shape:
-        - Input: :math:`(N, C, *)`. Output: same shape, dtype and memory format.
+        - Input: :math:`(N, C, *)`. Output: same shape and dtype, contiguous (as torch's).
 
     Examples::
 
@@ -64,7 +64,7 @@ def instance_norm(
             f"instance_norm: expected an (N, C, *) input (at least 2D), got {input.dim()}D input of shape "
             f"{tuple(input.shape)}. Add a batch dimension, e.g. input.unsqueeze(0)."
         )
-    n, c = input.shape[0], input.shape[1]
+    c = input.shape[1]
     spatial = math.prod(input.shape[2:])
     if use_input_stats and spatial == 1:
         raise ValueError(
@@ -86,30 +86,31 @@ def instance_norm(
                 f"{tuple(input.shape)}), got shape {tuple(t.shape)}. Check num_features against the input's "
                 "dimension 1."
             )
-    if use_input_stats and running_mean is not None and (
-            isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0):
-        raise ValueError(
-            f"instance_norm: momentum must be a number in [0, 1] (running = (1 - momentum) * running + momentum * "
-            f"batch), got {momentum!r}. torch's InstanceNorm passes 0.0 for momentum=None."
-        )
-    rest = tuple(input.shape[2:])
-    spec = Spec("instance_norm", (n, c, *rest), tuple(range(2, input.dim())), (1, c) + (1,) * len(rest), (c,), c)
-    if not use_input_stats:
-        acc = accumulation_dtype(input.dtype)
-        stat_shape = (1, c) + (1,) * len(rest)
-        mean = running_mean.detach().to(acc, copy=True).reshape(stat_shape)
-        rstd = torch.rsqrt(running_var.detach().to(acc) + eps).reshape(stat_shape)
-        return run(input, weight, bias, spec, eps, mean, rstd, backend=backend)[0]
-    output, mean, rstd = run(input, weight, bias, spec, eps, backend=backend)
-    if running_mean is not None and input.numel() > 0:
-        with torch.no_grad():
-            if mean.dtype in _checks.LOW_PRECISION:  # ATen's statistics of a half/bf16 call: recompute them
-                mean, var = moments(input.detach().view(spec.view), spec.dims)
-            else:  # biased, per (n, c), from the float32+ statistics the normalization used
-                var = rstd.detach().double().pow(-2).sub(eps).clamp_min(0)
-            unbiased = var * (spatial / (spatial - 1))
-            batch_mean = mean.detach().reshape(n, c).mean(0)
-            batch_var = unbiased.reshape(n, c).mean(0)
-            running_mean.mul_(1 - momentum).add_(batch_mean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_(batch_var.to(running_var.dtype), alpha=momentum)
-    return output
+    if use_input_stats and running_mean is not None:
+        momentum = _checks.require_momentum(momentum)
+    eps = eps if type(eps) is float else _checks.as_float("eps", eps)
+    x = input.contiguous()  # torch's instance norm computes on (and returns) a contiguous tensor
+    if backend_for(x, backend, refusal=lambda: "no instance-norm kernel") == "reference":
+        if not use_input_stats:
+            return reference.normalize(x, 1, running_mean, running_var, weight, bias, eps)
+        _update_running_stats(x, running_mean, running_var, momentum)
+        return reference.group_norm(x, c, weight, bias, eps)
+    if use_input_stats and (running_mean is None or x.dtype in _checks.LOW_PRECISION):
+        _update_running_stats(x, running_mean, running_var, momentum)
+        # ATen's group norm with one channel per group: faster than torch's batch-norm route
+        return torch.group_norm(x, c, weight, bias, eps, torch.backends.cudnn.enabled)
+    return torch.instance_norm(x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
+                               torch.backends.cudnn.enabled)
+
+
+def _update_running_stats(x, running_mean, running_var, momentum) -> None:
+    """torch's running update, with the statistics in at least float32: each instance's mean and unbiased variance,
+    averaged over the batch, then ``(1 - momentum) * running + momentum * batch``."""
+    if running_mean is None or x.numel() == 0:
+        return
+    with torch.no_grad():
+        n, c = x.shape[0], x.shape[1]
+        mean, var = reference.batch_moments(x.detach().reshape(1, n * c, -1), 1)
+        batch = torch.stack((mean.view(n, c).mean(0), _stats.unbiased(var, x[0, 0].numel()).view(n, c).mean(0)))
+        old = torch.stack((running_mean, running_var))
+        _stats.write_running(running_mean, running_var, old * (1.0 - momentum) + batch.to(old.dtype) * momentum)

@@ -7,9 +7,8 @@ import numbers
 import torch
 
 from .. import kernels
-from . import _checks
-from ._dispatch import backend_for
-from ._rownorm import Spec, params_refusal, run
+from . import _checks, reference
+from ._dispatch import backend_for, params_refusal
 
 
 def layer_norm(
@@ -35,12 +34,12 @@ def layer_norm(
         weight, bias: elementwise affine parameters of shape ``normalized_shape``, or ``None``. Default: ``None``.
         eps: added to the variance inside the square root. Default: ``1e-5``.
         backend: ``"triton"`` (default for CUDA tensors the kernels take: ``normkit.kernels.layer_norm``),
-            ``"cpu"`` (default otherwise: the fastest measured path, ATen's kernel) or ``"reference"`` (the
-            composition). Calls the kernels do not take (float64, ...) run ``"cpu"`` even when ``"triton"`` is
+            ``"cpu"`` (default otherwise: torch's own op) or ``"reference"`` (the readable composition). Calls
+            the kernels do not take (float64, ...) run ``"cpu"`` even when ``"triton"`` is
             forced. Default: ``None`` (``$NORMKIT_BACKEND``, else the default).
 
     Shape:
-        - Input: :math:`(*, \text{normalized\_shape})`. Output: same shape and dtype.
+        - Input: :math:`(*, \text{normalized\_shape})`. Output: same shape and dtype, contiguous (as torch's).
 
     Examples::
 
@@ -70,12 +69,11 @@ def layer_norm(
                 f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
                 f"{list(t.shape)} and normalized_shape = {list(shape)}. Pass a {name} of shape {shape}."
             )
-    name = backend_for(input, backend, fallback="cpu",
-                       refusal=lambda: params_refusal(input, weight, bias) or kernels.supports_layer_norm(input, shape))
+    x = input.contiguous()  # torch's layer norm computes on (and returns) a contiguous tensor
+    name = backend_for(x, backend, refusal=lambda: params_refusal(x, weight, bias)
+                       or kernels.supports_layer_norm(x, shape))
     if name == "triton":
-        return kernels.layer_norm(input, shape, weight, bias, eps)
-    lead = input.dim() - k
-    spec = Spec("layer_norm", tuple(input.shape), tuple(range(lead, input.dim())), (1,) * lead + shape, shape)
-    return run(input, weight, bias, spec, eps, backend=name)[0]
-
-
+        return kernels.layer_norm(x, shape, weight, bias, eps)
+    if name == "reference":
+        return reference.layer_norm(x, shape, weight, bias, eps)
+    return torch.layer_norm(x, shape, weight, bias, eps, torch.backends.cudnn.enabled)

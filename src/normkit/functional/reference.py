@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, _stats
+from . import _checks, _layout, _stats
 
 
 def batch_moments(x: torch.Tensor, channel: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,27 +51,36 @@ def batch_norm(
         \mu = \frac{1}{m}\sum_i x_i,\quad \sigma^2 = \frac{1}{m}\sum_i (x_i - \mu)^2,\quad
         y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma + \beta
     """
-    channel = validate_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                  running_var_mode, channel_dim, nonfinite)
+    channel, momentum, eps = _checks.validate_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                                         momentum, eps, running_var_mode, channel_dim, nonfinite)
+    if not training:
+        return normalize(input, channel, running_mean, running_var, weight, bias, eps)
+    y, mean, var = train_forward(input, channel, weight, bias, eps)
+    with torch.no_grad():
+        _stats.update_running_stats(running_mean, running_var, mean, var,
+                                    _checks.values_per_channel(input, channel), momentum, running_var_mode,
+                                    nonfinite)
+    return y
+
+
+def normalize(input, channel, mean, var, weight, bias, eps) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` per channel, computed in at least float32, returned in the
+    input's dtype and memory format."""
     acc = _stats.accumulation_dtype(input.dtype)
     shape = per_channel_shape(input, channel)
-    if training:
-        mean, var = batch_moments(input, channel)
-        if input.numel() > 0:
-            if nonfinite == "raise":
-                _stats.require_finite_statistics(mean, var)
-            with torch.no_grad():
-                _stats.update_running_stats(running_mean, running_var, mean.detach(), var.detach(),
-                                            _checks.values_per_channel(input, channel), momentum,
-                                            running_var_mode, nonfinite)
-    else:
-        mean, var = running_mean.to(acc), running_var.to(acc)
-    y = (input.to(acc) - mean.view(shape)) / torch.sqrt(var.view(shape) + eps)
+    y = (input.to(acc) - mean.to(acc).view(shape)) / torch.sqrt(var.to(acc).view(shape) + eps)
     if weight is not None:
         y = y * weight.to(acc).view(shape)
     if bias is not None:
         y = y + bias.to(acc).view(shape)
     return y.to(input.dtype)
+
+
+def train_forward(input, channel, weight, bias, eps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, mean, biased var)`` with the batch's statistics; ``y`` differentiable through them (an empty batch
+    gives NaN statistics and an empty ``y``)."""
+    mean, var = batch_moments(input, channel)
+    return normalize(input, channel, mean, var, weight, bias, eps), mean.detach(), var.detach()
 
 
 def batch_norm_backward(
@@ -117,60 +126,6 @@ def batch_norm_backward(
     return grad_input.to(input.dtype), grad_weight, grad_bias
 
 
-_RUNNING_VAR_MODES = ("unbiased", "biased")
-_NONFINITE_POLICIES = ("skip", "propagate", "raise")
-
-
-def validate_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                        running_var_mode, channel_dim, nonfinite) -> int:
-    """Every check of a batch-norm call, before anything is computed or changed; returns the channel index.
-
-    Written for the common case first (it runs on every call): each test is one comparison, and only a failing
-    one calls the helper that builds the message.
-    """
-    if not isinstance(input, torch.Tensor) or not input.is_floating_point():
-        _checks.require_floating(input, "batch_norm")
-    channel = 1 if channel_dim == 1 and input.dim() >= 2 else _checks.channel_index(input, channel_dim, "batch_norm")
-    if running_var_mode not in _RUNNING_VAR_MODES:
-        _checks.choice("running_var_mode", running_var_mode, _RUNNING_VAR_MODES)
-    if nonfinite not in _NONFINITE_POLICIES:
-        _checks.choice("nonfinite", nonfinite, _NONFINITE_POLICIES)
-    if not (eps > 0 if training else eps >= 0):
-        _checks.require_eps(eps, training)
-    if type(momentum) is not float or not 0.0 <= momentum <= 1.0:
-        _checks.require_momentum(momentum)
-    channels, device = input.shape[channel], input.device
-    given = [t for t in (running_mean, running_var, weight, bias) if t is not None]
-    if any(not isinstance(t, torch.Tensor) or t.numel() != channels or t.device != device for t in given):
-        for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
-                        ("bias", bias)):
-            _checks.require_per_channel(name, t, channels, input)
-    if given and not _dtypes_fit(input.dtype, given):
-        _checks.require_compatible_dtypes(input, weight=weight, bias=bias, running_mean=running_mean,
-                                          running_var=running_var)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(
-            "batch_norm: running_mean and running_var must both be tensors or both be None, got "
-            f"running_mean={'a tensor' if running_mean is not None else 'None'} and "
-            f"running_var={'a tensor' if running_var is not None else 'None'}."
-        )
-    if not training and running_mean is None:
-        raise RuntimeError(
-            "running_mean must be defined in evaluation mode: with training=False batch_norm normalizes with the "
-            "running statistics. Pass them, or training=True to use the batch's statistics."
-        )
-    if training:
-        _checks.require_more_than_one_value_per_channel(input, channel)
-    return channel
-
-
-def _dtypes_fit(input_dtype: torch.dtype, tensors: list[torch.Tensor]) -> bool:
-    dtype = tensors[0].dtype
-    if any(t.dtype != dtype for t in tensors):
-        return False
-    return dtype == input_dtype or (dtype == torch.float32 and input_dtype in _checks.LOW_PRECISION)
-
-
 def group_norm(input: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5, *, activation: str | None = None) -> torch.Tensor:
     r"""Group normalization (then an optional ``"silu"``/``"relu"``), written out; no validation.
@@ -178,17 +133,22 @@ def group_norm(input: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     .. math::
         y = \mathrm{act}\Big(\frac{x - \mathrm{E}_g[x]}{\sqrt{\mathrm{Var}_g[x] + \epsilon}} \gamma + \beta\Big)
     """
-    n, c = input.shape[0], input.shape[1]
-    xg = input.to(_stats.accumulation_dtype(input.dtype)).reshape(n, num_groups, -1)
-    mean = xg.mean(2, keepdim=True)
-    var = ((xg - mean) ** 2).mean(2, keepdim=True)
-    y = ((xg - mean) / torch.sqrt(var + eps)).reshape(input.shape)
+    c = input.shape[1]
+    # (N, G, C/G, *): a view whatever the memory format, so every elementwise step keeps the input's layout
+    xg = input.to(_stats.accumulation_dtype(input.dtype)).unflatten(1, (num_groups, c // num_groups))
+    dims = tuple(range(2, xg.dim()))
+    centred = xg - xg.mean(dims, keepdim=True)
+    centred = centred - centred.mean(dims, keepdim=True)  # the corrected two-pass: a large mean costs no precision
+    var = (centred * centred).mean(dims, keepdim=True)
+    y = (centred / torch.sqrt(var + eps)).flatten(1, 2)
     shape = [c] + [1] * (input.dim() - 2)
     if weight is not None:
         y = y * weight.to(y.dtype).reshape(shape)
     if bias is not None:
         y = y + bias.to(y.dtype).reshape(shape)
-    return activate(y, activation).to(input.dtype)
+    y = activate(y, activation).to(input.dtype)
+    memory_format = _layout.suggest_memory_format(input)
+    return y if y.is_contiguous(memory_format=memory_format) else y.contiguous(memory_format=memory_format)
 
 
 def layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,

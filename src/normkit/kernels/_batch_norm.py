@@ -65,6 +65,14 @@ def _backward(ctx, grad_output):
             dr if need_r and ctx.has_residual else None)
 
 
+def _output_like(x: torch.Tensor) -> torch.Tensor:
+    """The output: a new tensor (never a view, so in-place ops after the layer work) in ``x``'s memory format, whose
+    canonical view shares its storage."""
+    cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    channels_last = cl is not None and not x.is_contiguous() and x.is_contiguous(memory_format=cl)
+    return torch.empty_like(x, memory_format=cl if channels_last else torch.contiguous_format)
+
+
 def _save(ctx, x, weight, bias, residual, mean, var, layout: Layout, eps, act, training, need):
     ctx.save_for_backward(x, weight, bias, residual if act is not None else None, mean, var)
     ctx.layout, ctx.eps, ctx.act, ctx.training = layout, eps, act, training
@@ -79,10 +87,11 @@ class _TrainFunction(torch.autograd.Function):
         mean, var = launch.moments(xc, layout.kind)
         w, b = _affine(weight, bias, layout.channels, x.device)
         rc = layout.view(residual) if residual is not None else None
-        yc = launch.normalize(xc, layout.kind, mean, var, w, b, eps, rc, act)
+        y = _output_like(x)
+        launch.normalize(xc, layout.kind, mean, var, w, b, eps, rc, act, layout.view(y))
         _save(ctx, x, weight, bias, residual, mean, var, layout, eps, act, True, ctx.needs_input_grad[:4])
         ctx.mark_non_differentiable(mean, var)
-        return layout.restore(yc), mean, var
+        return y, mean, var
 
     @staticmethod
     def backward(ctx, grad_output, _grad_mean, _grad_var):
@@ -99,10 +108,11 @@ class _EvalFunction(torch.autograd.Function):
         var = running_var.detach().reshape(-1).to(torch.float32, copy=True)
         w, b = _affine(weight, bias, layout.channels, x.device)
         rc = layout.view(residual) if residual is not None else None
-        yc = launch.normalize(layout.view(x), layout.kind, mean, var, w, b, eps, rc, act)
+        y = _output_like(x)
+        launch.normalize(layout.view(x), layout.kind, mean, var, w, b, eps, rc, act, layout.view(y))
         need = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:6])
         _save(ctx, x, weight, bias, residual, mean, var, layout, eps, act, False, need)
-        return layout.restore(yc)
+        return y
 
     @staticmethod
     def backward(ctx, grad_output):

@@ -60,10 +60,11 @@ def moments(xc: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
-def normalize(xc, kind, mean, var, weight, bias, eps, residual, act) -> torch.Tensor:
-    """``act((x - mean) * rsqrt(var + eps) * weight + bias (+ residual))`` in the input's dtype."""
+def normalize(xc, kind, mean, var, weight, bias, eps, residual, act, yc=None) -> torch.Tensor:
+    """``act((x - mean) * rsqrt(var + eps) * weight + bias (+ residual))`` in the input's dtype, written into
+    ``yc`` (a canonical view of the caller's output) or a new tensor."""
     rows, inner = _matrix(xc, kind)
-    yc = torch.empty_like(xc)
+    yc = torch.empty_like(xc) if yc is None else yc
     pointwise.normalize[pointwise.grid(rows, inner)](
         xc, residual if residual is not None else xc, yc, mean, var, weight, bias, rows, inner, xc.shape[1],
         eps, CHANNELS_LAST=kind == "rows", ACT=CODES[act], HAS_RES=residual is not None, **COMPILE_OPTIONS)

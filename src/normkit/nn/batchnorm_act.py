@@ -1,80 +1,20 @@
-"""``BatchNormAct1d/2d/3d``: batch norm, an optional residual and an activation with one fused backward."""
+"""``BatchNormAct1d/2d/3d``: batch norm, an optional residual and an activation in one layer (one fused Triton kernel
+on CUDA)."""
 
 from __future__ import annotations
 
 import torch
 
 from .. import kernels
-from ..functional import _dispatch, _stats, reference
-from ..functional._fused import closed_form_backward
-from ..functional._layout import Layout, layout_of
-from ..functional.batch_norm import _forward
-from ..functional.reference import activate as _activate
+from ..functional import _checks, _dispatch, _layout, _stats
+from ..functional.batch_norm import batch_norm
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 ACTIVATIONS = ("relu", "silu", "gelu", None)
 
 
-class _BatchNormAct(torch.autograd.Function):
-    """``act(bn(x) + residual)`` forward through the dispatched BN passes; one closed-form backward.
-
-    Nothing beyond the inputs and the per-channel statistics is saved: the backward recomputes the pre-activation
-    ``x_hat * gamma + beta + residual`` from them, multiplies the incoming gradient by the activation's derivative
-    there, and runs the batch-norm closed form on that (the residual's gradient is the same product).
-    """
-
-    @staticmethod
-    def forward(ctx, input, weight, bias, residual, running_mean, running_var, training: bool, eps: float,
-                layout: Layout, act: str | None):
-        if not training:  # saved for backward: later updates of the buffers must not change this gradient
-            acc = _stats.accumulation_dtype(input.dtype)
-            running_mean, running_var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
-        z, mean, var = _forward(input, weight, bias, running_mean, running_var, training, eps, layout)
-        if residual is not None:
-            z = z.add_(residual)
-        output = _activate(z, act)
-        ctx.save_for_backward(input, weight, bias, residual, mean, var)
-        ctx.training, ctx.eps, ctx.channel, ctx.act, ctx.layout = training, eps, layout.channel, act, layout
-        ctx.mark_non_differentiable(mean, var)
-        return output, mean, var
-
-    @staticmethod
-    def backward(ctx, grad_output, _grad_mean, _grad_var):
-        input, weight, bias, residual, mean, var = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # create_graph=True: the same closed form in differentiable ops
-            grad_input, grad_weight, grad_bias, grad_residual = _differentiable_backward(
-                ctx, grad_output, input, weight, bias, residual, mean, var)
-        else:
-            layout, eps = ctx.layout, ctx.eps
-            xc = layout.view(input)
-            dz = grad_output
-            if ctx.act is not None:  # the activation's derivative at the recomputed pre-activation
-                z = layout.restore(_dispatch.normalize(xc, layout.kind, mean, var, weight, bias, eps))
-                if residual is not None:
-                    z = z.add_(residual)
-                dz = _ACTIVATION_BACKWARD[ctx.act](grad_output, z)
-            grad_affine = weight is not None and (need[1] or need[2])
-            dxc, grad_weight, grad_bias = _dispatch.backward(layout.view(dz), xc, layout.kind, weight, mean, var,
-                                                             eps, ctx.training, grad_affine)
-            grad_input = layout.restore(dxc)
-            grad_residual = dz if residual is not None and need[3] else None
-        return (grad_input if need[0] else None, grad_weight if need[1] else None,
-                grad_bias if need[2] else None, grad_residual if need[3] else None,
-                None, None, None, None, None, None)
-
-
-_ACTIVATION_BACKWARD = {
-    "relu": lambda grad, z: torch.ops.aten.threshold_backward(grad, z, 0),
-    "silu": torch.ops.aten.silu_backward,
-    "gelu": lambda grad, z: torch.ops.aten.gelu_backward(grad, z, approximate="none"),
-}
-
-
-def _differentiable_backward(ctx, grad_output, input, weight, bias, residual, mean, var):
-    """The fused closed form in plain torch ops (for double backward): ``(dx, dweight, dbias, dresidual)``."""
-    return closed_form_backward(grad_output, input, weight, bias, residual, mean, var, ctx.eps, ctx.training,
-                                ctx.channel, ctx.act)
+_INPLACE_ACTIVATIONS = {"relu": torch.relu_, "silu": lambda z: torch.nn.functional.silu(z, inplace=True),
+                        "gelu": torch.nn.functional.gelu, None: lambda z: z}
 
 
 class _BatchNormActMixin:
@@ -105,52 +45,52 @@ class _BatchNormActMixin:
                 "it first; nothing was changed."
             )
 
-    def _kernel_forward(self, input, residual, running_mean, running_var, uses_batch_stats):
-        """``(output, mean, var)`` from :mod:`normkit.kernels` (statistics ``None`` with running ones)."""
-        if uses_batch_stats:
-            return kernels.batch_norm_train(input, self.weight, self.bias, self.eps, activation=self.act,
-                                            residual=residual)
-        output = kernels.batch_norm_eval(input, running_mean, running_var, self.weight, self.bias, self.eps,
-                                         activation=self.act, residual=residual)
-        return output, None, None
-
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input_dim(input)
         self._check_residual(input, residual)
         running_mean, running_var, uses_batch_stats = self._buffers_for_call()
         momentum = self._ema_factor()
-        channel = reference.validate_batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                                                uses_batch_stats, momentum, self.eps, self.running_var_mode, 1,
-                                                self.nonfinite)
-        if input.numel() == 0:  # nothing to fuse: the plain composition gives torch's empty-batch result
-            z = super().forward(input)
-            return _activate(z + residual if residual is not None else z, self.act)
-        layout = layout_of(input, channel)
-        if _dispatch.backend_for(input, refusal=lambda: kernels.supports(input, self.act)) == "triton":  # fused
-            output, mean, var = self._kernel_forward(input, residual, running_mean, running_var, uses_batch_stats)
-        else:
-            output, mean, var = _BatchNormAct.apply(input, self.weight, self.bias, residual, running_mean,
-                                                    running_var, uses_batch_stats, self.eps, layout, self.act)
-        if uses_batch_stats:
-            if self.nonfinite == "raise":
-                _stats.require_finite_statistics(mean, var)
-            with torch.no_grad():
-                _stats.update_running_stats(running_mean, running_var, mean, var, layout.count, momentum,
-                                            self.running_var_mode, self.nonfinite)
+        if input.numel() > 0 and _dispatch.backend_for(
+                input, refusal=lambda: kernels.supports(input, self.act)) == "triton":
+            output = self._fused(input, residual, running_mean, running_var, uses_batch_stats, momentum)
+        else:  # torchvision's block: the norm, then the residual added and the activation applied in place
+            z = batch_norm(input, running_mean, running_var, self.weight, self.bias, uses_batch_stats, momentum,
+                           self.eps, running_var_mode=self.running_var_mode, nonfinite=self.nonfinite)
+            if residual is not None:
+                z = z.add_(residual)
+            output = _INPLACE_ACTIVATIONS[self.act](z)
         if self._tracks_this_call():  # only after a call that succeeded: a failed call changes nothing
             self.num_batches_tracked.add_(1)
         return output
 
+    def _fused(self, input, residual, running_mean, running_var, uses_batch_stats, momentum):
+        """One Triton kernel for ``act(bn(x) + residual)`` forward and backward, behind batch norm's front."""
+        _, momentum, _ = _checks.validate_batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                                     uses_batch_stats, momentum, self.eps, self.running_var_mode, 1,
+                                                     self.nonfinite)
+        x = _layout.in_torch_format(input)
+        if not uses_batch_stats:
+            return kernels.batch_norm_eval(x, running_mean, running_var, self.weight, self.bias, self.eps,
+                                           activation=self.act, residual=residual)
+        output, mean, var = kernels.batch_norm_train(x, self.weight, self.bias, self.eps, activation=self.act,
+                                                     residual=residual)
+        with torch.no_grad():
+            _stats.update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1],
+                                        momentum, self.running_var_mode, self.nonfinite)
+        return output
 
-_DOC = r"""Batch normalization, an optional residual and an activation in one layer with one fused backward.
+
+_DOC = r"""Batch normalization, an optional residual and an activation in one layer.
 
     .. math::
         y = \mathrm{act}\Big(\frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}}\,\gamma + \beta
         + \mathrm{residual}\Big)
 
     A subclass of :class:`normkit.{bn}` (same arguments, buffers, parameters and state_dict, so weights of a plain
-    batch norm load as they are). The backward saves only the input, the residual and the per-channel statistics:
-    it recomputes the activation's derivative and applies the batch-norm closed form once.
+    batch norm load as they are). On CUDA tensors the Triton kernels run it as one fused pass forward and one
+    backward that recomputes the activation's derivative from the input and the per-channel statistics; elsewhere
+    it is torchvision's block (:func:`normkit.functional.batch_norm`, then the residual added and the activation
+    applied in place), so it compiles, exports and transforms like the plain layer.
     ``normkit.tools.sync`` does not convert this layer (it raises rather than drop the activation).
 
     Args:

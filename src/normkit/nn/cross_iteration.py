@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..functional import _stats, reference
+from ..functional import _checks, _stats
 from .batchnorm import BatchNorm2d
 
 
@@ -178,8 +178,8 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
                 "statistics: construct it with weight_of=conv, call .bind(conv), or pass "
                 "forward(x, weight=conv.weight)."
             )
-        reference.validate_batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, True,
-                                      float(self._ema_factor()), self.eps, self.running_var_mode, 1, self.nonfinite)
+        _checks.validate_batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, True,
+                                    self._ema_factor(), self.eps, self.running_var_mode, 1, self.nonfinite)
         if weight.shape[0] != self.num_features:
             raise ValueError(f"CrossIterationBatchNorm2d: the preceding weight's dim 0 must be {self.num_features} "
                              f"(this layer's channels), got shape {tuple(weight.shape)}. Bind the layer feeding it.")

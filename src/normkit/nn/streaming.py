@@ -20,7 +20,7 @@ from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 def _require_momentum(momentum) -> None:
     if momentum is None:
         return
-    _checks.require_momentum(momentum)
+    _checks.require_unit_momentum(momentum, "StreamingBatchNorm")
 
 
 class _StreamingMixin:

@@ -122,8 +122,7 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.SyncBatchNorm):
         if not input.is_floating_point():
             _checks.require_floating(input, "batch_norm")
         _checks.require_eps(self.eps, True)
-        if type(momentum) is not float or not 0.0 <= momentum <= 1.0:
-            _checks.require_momentum(momentum)
+        _checks.require_momentum(momentum)
         channels = input.shape[1]
         given = {"running_mean": running_mean, "running_var": running_var, "weight": self.weight,
                  "bias": self.bias}
