@@ -78,8 +78,13 @@ def update_running_stats(
 
 def write_running(running_mean: torch.Tensor, running_var: torch.Tensor, values: torch.Tensor) -> None:
     """Copy the stacked ``(2, C)`` ``values`` into the buffers without bumping their autograd version, as ATen's own
-    update does (a graph that saved the buffers, e.g. an earlier call in eval mode, stays valid)."""
-    torch._foreach_copy_([running_mean.data, running_var.data], [values[0], values[1]])
+    update does (a graph that saved the buffers, e.g. an earlier call in eval mode, stays valid). Traced by a
+    compiler or exporter, where no eager graph holds the buffers, it is a plain in-place copy."""
+    if torch.compiler.is_compiling():
+        with torch.no_grad():
+            torch._foreach_copy_([running_mean, running_var], [values[0], values[1]])
+    else:
+        torch._foreach_copy_([running_mean.data, running_var.data], [values[0], values[1]])
 
 
 def restore_nonfinite_channels(running_mean: torch.Tensor, running_var: torch.Tensor, old: torch.Tensor,

@@ -11,7 +11,10 @@ from .batch_norm import batch_norm, train_with_statistics
 
 
 def check_bounds(rmax, dmax, op: str = "batch_renorm") -> None:
-    """``rmax >= 1`` and ``dmax >= 0`` (``inf`` allowed: no clipping), else a ``ValueError`` naming the fix."""
+    """``rmax >= 1`` and ``dmax >= 0`` (``inf`` allowed: no clipping), else a ``ValueError`` naming the fix. 0-dim
+    tensors (a module's schedule under torch.compile, from bounds it validated when built) pass as they are."""
+    if isinstance(rmax, torch.Tensor) or isinstance(dmax, torch.Tensor):
+        return
     if isinstance(rmax, bool) or not isinstance(rmax, (int, float)) or not rmax >= 1:
         raise ValueError(
             f"{op}: rmax must be a number >= 1 (r is clipped to [1/rmax, rmax]; rmax=1 forces r=1), got {rmax!r}. "
@@ -163,8 +166,9 @@ def batch_renorm_keras(
         >>> ms, mv, mm
         (tensor([1.0012]), tensor([1.0014]), tensor([0.0250]))
     """
-    check_bounds(max(rmax, 1.0), dmax, "batch_renorm_keras")
-    if not 0 <= rmin <= rmax:
+    traced = any(isinstance(t, torch.Tensor) for t in (rmin, rmax, dmax))
+    check_bounds(rmax if traced else max(rmax, 1.0), dmax, "batch_renorm_keras")
+    if not traced and not 0 <= rmin <= rmax:
         raise ValueError(f"batch_renorm_keras: need 0 <= rmin <= rmax, got rmin={rmin!r}, rmax={rmax!r}.")
     channel, momentum, eps = _checks.validate_batch_norm(input, moving_mean, moving_variance, weight, bias, training,
                                                          momentum, eps, "biased", channel_dim, "propagate")

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..functional.batch_renorm import batch_renorm, batch_renorm_keras, check_bounds
+from . import _scripting
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 _KERAS_BUFFERS = ("moving_stddev", "renorm_mean", "renorm_stddev")
@@ -33,6 +34,15 @@ def renorm_bounds(step: int, rmax: float, dmax: float, warmup_steps: int, rmax_r
     """
     if warmup_steps == 0:
         return float(rmax), float(dmax)
+    if isinstance(step, torch.Tensor):  # a traced step counter: the same schedule, branch-free
+        def ramp_tensor(final: float, start: float, end: int) -> torch.Tensor:
+            if end <= warmup_steps or math.isinf(final):
+                value = torch.full_like(step, float(final))
+            else:
+                value = start + (final - start) * ((step - warmup_steps) / (end - warmup_steps)).clamp(0.0, 1.0)
+            return torch.where(step < warmup_steps, start, value)
+
+        return ramp_tensor(rmax, 1.0, rmax_ramp_end), ramp_tensor(dmax, 0.0, dmax_ramp_end)
     if step < warmup_steps:
         return 1.0, 0.0
 
@@ -46,6 +56,9 @@ def renorm_bounds(step: int, rmax: float, dmax: float, warmup_steps: int, rmax_r
 
 class _BatchRenormMixin:
     """Options, schedule and forward of the renorm layers; the rest is the plain BatchNorm's."""
+
+    def __prepare_scriptable__(self):
+        _scripting.not_scriptable(self, "torch has no batch renormalization layer to run in its place")
 
     def _init_renorm(self, rmax, dmax, warmup_steps, rmax_ramp_end, dmax_ramp_end, keras_compatible,
                      renorm_momentum) -> None:
@@ -94,9 +107,17 @@ class _BatchRenormMixin:
         step = int(self.num_batches_tracked) if self.num_batches_tracked is not None else 0
         return renorm_bounds(step, self.rmax, self.dmax, self.warmup_steps, self.rmax_ramp_end, self.dmax_ramp_end)
 
+    def _bounds_for_call(self):
+        """This training step's bounds: Python floats eagerly, 0-dim tensors from the counter when traced (so a
+        compiled or exported model follows the schedule without reading the counter on the host)."""
+        if not torch.compiler.is_compiling() or self.num_batches_tracked is None:
+            return self.current_bounds()
+        return renorm_bounds(self.num_batches_tracked.to(torch.float32), self.rmax, self.dmax, self.warmup_steps,
+                             self.rmax_ramp_end, self.dmax_ramp_end)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        rmax, dmax = self.current_bounds()
+        rmax, dmax = self._bounds_for_call() if self.training else (self.rmax, self.dmax)
         if self.keras_compatible:
             output = batch_renorm_keras(input, self.running_mean, self.running_var, self.moving_stddev,
                                         self.renorm_mean, self.renorm_stddev, self.weight, self.bias, self.training,

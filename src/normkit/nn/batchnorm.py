@@ -6,6 +6,7 @@ import torch
 
 from ..functional import _checks, _stats
 from ..functional.batch_norm import batch_norm
+from . import _scripting
 
 
 class _BatchNormMixin:
@@ -27,6 +28,13 @@ class _BatchNormMixin:
         if self.nonfinite != "skip":
             text += f", nonfinite={self.nonfinite!r}"
         return text
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """For ``torch.jit.script``: torch's class sharing this module's tensors (see ``normkit.nn._scripting``)."""
+        if self.running_var_mode != "unbiased":
+            _scripting.not_scriptable(self, "TorchScript runs torch's batch norm, which stores the unbiased running "
+                                      "variance, and this layer stores the biased one (running_var='biased')")
+        return _scripting.torch_twin(self)
 
     def _ema_factor(self) -> float:
         """The running-update factor of this call; ``momentum=None`` averages over every batch so far."""

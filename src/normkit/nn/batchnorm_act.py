@@ -8,6 +8,7 @@ import torch
 from .. import kernels
 from ..functional import _checks, _dispatch, _layout, _stats
 from ..functional.batch_norm import batch_norm
+from . import _scripting
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 ACTIVATIONS = ("relu", "silu", "gelu", None)
@@ -19,6 +20,10 @@ _INPLACE_ACTIVATIONS = {"relu": torch.relu_, "silu": lambda z: torch.nn.function
 
 class _BatchNormActMixin:
     """Forward of the fused layers; everything else (options, buffers, state_dict) is the plain BatchNorm's."""
+
+    def __prepare_scriptable__(self):
+        _scripting.not_scriptable(self, "its forward adds a residual and an activation that torch's batch norm "
+                                  "does not have")
 
     @staticmethod
     def _check_act(act) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..functional import _checks, _stats
+from . import _scripting
 from .batchnorm import BatchNorm2d
 
 
@@ -160,6 +161,9 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
             means.append(mu + self.rho * (dmu * delta).flatten(1).sum(1))
             meanx2s.append(nu + self.rho * (dnu * delta).flatten(1).sum(1))
         return torch.stack(means), torch.stack(meanx2s)
+
+    def __prepare_scriptable__(self):
+        _scripting.not_scriptable(self, "its statistics pool past iterations, which torch's batch norm does not")
 
     def forward(self, input: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input_dim(input)

@@ -7,6 +7,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..functional import _checks
+from ._scripting import torch_twin
 
 _STATE = ("running_mean", "running_var", "weight", "bias")  # torch's order of the per-channel checks
 
@@ -93,6 +94,11 @@ class FrozenBatchNorm(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
 
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """For ``torch.jit.script``: the same layer (shared buffers) with a forward TorchScript compiles; it keeps
+        the values and drops only the fix-it validation."""
+        return torch_twin(self, _ScriptableFrozenBatchNorm)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         has_statistics = prefix + "running_mean" in state_dict and prefix + "running_var" in state_dict
@@ -159,6 +165,16 @@ class FrozenBatchNorm(torch.nn.Module):
         """
         config = getattr(self, "_unfrozen_config", None) or _default_config(self)
         return _unfreeze(self, config)
+
+
+class _ScriptableFrozenBatchNorm(FrozenBatchNorm):
+    """What ``torch.jit.script`` compiles for a frozen batch norm: the same arithmetic, torch's errors only."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+        shift = self.bias - self.running_mean * scale
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        return (input * scale.reshape(shape) + shift.reshape(shape)).to(input.dtype)
 
 
 def _make(rank: int, expected: str, example: str) -> type:

@@ -8,11 +8,15 @@ import torch
 
 from ..functional import _checks, _stats
 from ..functional.ghost_batch_norm import GROUPINGS, _ghost_batch_norm, require_virtual_batch_size
+from . import _scripting
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 
 class _GhostMixin:
     """The ghost-batch forward on top of normkit's ``BatchNorm*d`` (same parameters, buffers and state_dict)."""
+
+    def __prepare_scriptable__(self):
+        _scripting.not_scriptable(self, "torch has no ghost batch norm layer to run in its place")
 
     def _init_ghost(self, virtual_batch_size: int, grouping: str) -> None:
         self.virtual_batch_size = virtual_batch_size

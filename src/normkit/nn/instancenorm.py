@@ -6,10 +6,15 @@ from __future__ import annotations
 import torch
 
 from ..functional.instance_norm import instance_norm
+from ._scripting import torch_twin
 
 
 class _InstanceNormMixin:
     """Replaces torch's call of ``F.instance_norm``; torch's ``forward`` keeps its checks and unbatched handling."""
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """For ``torch.jit.script``: torch's class sharing this module's tensors (see ``normkit.nn._scripting``)."""
+        return torch_twin(self)
 
     def _apply_instance_norm(self, input: torch.Tensor) -> torch.Tensor:
         return instance_norm(

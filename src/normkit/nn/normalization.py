@@ -7,6 +7,7 @@ import torch
 
 from ..functional.group_norm import group_norm
 from ..functional.layer_norm import layer_norm
+from ._scripting import torch_twin
 
 
 class GroupNorm(torch.nn.GroupNorm):
@@ -39,6 +40,10 @@ class GroupNorm(torch.nn.GroupNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """For ``torch.jit.script``: torch's class sharing this module's tensors (see ``normkit.nn._scripting``)."""
+        return torch_twin(self)
+
 
 class LayerNorm(torch.nn.LayerNorm):
     r"""Drop-in for :class:`torch.nn.LayerNorm`: normalizes each sample over its trailing ``normalized_shape``.
@@ -68,3 +73,7 @@ class LayerNorm(torch.nn.LayerNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """For ``torch.jit.script``: torch's class sharing this module's tensors (see ``normkit.nn._scripting``)."""
+        return torch_twin(self)

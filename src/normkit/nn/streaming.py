@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..functional import _checks, _stats
+from . import _scripting
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 
@@ -25,6 +26,9 @@ def _require_momentum(momentum) -> None:
 
 class _StreamingMixin:
     """Training forward with the streaming statistics; eval is the parent's (the running statistics)."""
+
+    def __prepare_scriptable__(self):
+        _scripting.not_scriptable(self, "torch has no streaming batch norm layer to run in its place")
 
     def _init_streaming(self, momentum, track_running_stats: bool) -> None:
         _require_momentum(momentum)
@@ -38,6 +42,11 @@ class _StreamingMixin:
     def _streaming_factor(self) -> float:
         """The weight of the current batch: 1 on the first batch (the stream starts from it), then ``momentum``
         (``momentum=None``: ``1 / (t + 1)``, the plain average of the batches so far)."""
+        if torch.compiler.is_compiling():  # traced: the same rule without reading the counter on the host
+            seen = self.num_batches_tracked.to(torch.float64)
+            if self.momentum is None:
+                return 1.0 / (seen + 1)
+            return torch.where(seen == 0, 1.0, float(self.momentum))
         seen = int(self.num_batches_tracked)
         if seen == 0:
             return 1.0
