@@ -233,6 +233,19 @@ def _check_collectives_per_step(rank):
     return forward.calls, backward.calls, big.calls
 
 
+def _check_in_place_ops_after_the_layer(rank):
+    """torchvision's patterns after a synchronised layer: ReLU(inplace=True) and ``out += identity`` train."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+    model = normkit.tools.sync(torch.nn.Sequential(torch.nn.BatchNorm2d(4), torch.nn.ReLU(inplace=True),
+                                                   conv, torch.nn.BatchNorm2d(4)))
+    x = torch.randn(2 + rank, 4, 6, 6, requires_grad=True)
+    out = model(x)
+    out += x
+    torch.relu_(out).sum().backward()
+    return bool(torch.isfinite(x.grad).all())
+
+
 def _check_eval_and_single_group(rank):
     """Eval never synchronises and equals plain normkit BatchNorm; a 1-rank group equals it in training too."""
     synced, single = _pair(2, {})
@@ -404,6 +417,7 @@ CHECKS_2 = {
     "backward-order": _check_backward_order,
     "ddp": _check_ddp,
     "collectives": _check_collectives_per_step,
+    "in-place": _check_in_place_ops_after_the_layer,
     "eval": _check_eval_and_single_group,
     "skipped-layer": _check_skipped_layer,
     "repeated-call": _check_repeated_call,
@@ -437,6 +451,10 @@ def test_one_collective_per_layer_in_forward_and_in_backward(two_ranks):
         # float64 rows: forward 2C + 6 values, backward 2C + 3 values, for C = 4 and 6
         assert [size for _, size in forward] == [8 * (2 * 4 + 6), 8 * (2 * 6 + 6)]
         assert [size for _, size in backward] == [8 * (2 * 6 + 3), 8 * (2 * 4 + 3)]
+
+
+def test_in_place_ops_after_a_synchronised_layer(two_ranks):
+    assert _outcome(two_ranks, "in-place") == [True, True]
 
 
 def test_eval_and_a_one_rank_group_do_not_synchronise(two_ranks):

@@ -175,13 +175,11 @@ def validate_batch_norm(input, running_mean, running_var, weight, bias, training
         eps = as_float("eps", eps)
     if not (eps > 0 if training else eps >= 0):
         require_eps(eps, training)
-    channels, device = input.shape[channel], input.device
-    given = [t for t in (running_mean, running_var, weight, bias) if t is not None]
-    if any(not isinstance(t, torch.Tensor) or t.numel() != channels or t.device != device for t in given):
+    channels = input.shape[channel]
+    if not _per_channel_tensors_fit(input, channels, (running_mean, running_var, weight, bias)):
         for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
                         ("bias", bias)):
             require_per_channel(name, t, channels, input)
-    if given and not _dtypes_fit(input.dtype, given):
         require_compatible_dtypes(input, weight=weight, bias=bias, running_mean=running_mean,
                                   running_var=running_var)
     if (running_mean is None) != (running_var is None):
@@ -214,8 +212,19 @@ def validate_batch_norm(input, running_mean, running_var, weight, bias, training
     return channel, momentum, eps
 
 
-def _dtypes_fit(input_dtype: torch.dtype, tensors: list[torch.Tensor]) -> bool:
-    dtype = tensors[0].dtype
-    if any(t.dtype != dtype for t in tensors):
-        return False
-    return dtype == input_dtype or (dtype == torch.float32 and input_dtype in LOW_PRECISION)
+def _per_channel_tensors_fit(input: torch.Tensor, channels: int, tensors) -> bool:
+    """Whether every given tensor holds one value per channel, on the input's device, all in one dtype that is the
+    input's (or float32 under a float16/bfloat16 input). One pass of cheap attribute reads: this runs every call."""
+    on_cpu = input.is_cpu
+    dtype = None
+    for t in tensors:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.numel() != channels or not (on_cpu and t.is_cpu) and (
+                t.device != input.device):
+            return False
+        if dtype is None:
+            dtype = t.dtype
+        elif t.dtype != dtype:
+            return False
+    return dtype is None or dtype == input.dtype or (dtype == torch.float32 and input.dtype in LOW_PRECISION)

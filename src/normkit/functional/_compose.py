@@ -107,38 +107,11 @@ def scale_shift(xc: torch.Tensor, kind: str, scale: torch.Tensor, shift: torch.T
     return torch.addcmul(shift, xc, scale).to(xc.dtype)
 
 
-def normalize(xc, kind, mean, var, weight, bias, eps) -> torch.Tensor:
-    """``(x - mean) / sqrt(var + eps) * weight + bias`` as one fused multiply-add, in the input's dtype."""
-    return scale_shift(xc, kind, *affine_coefficients(mean, var, weight, bias, eps))
-
-
-def backward(dyc, xc, kind, weight, mean, var, eps, training, grad_affine):
-    """Closed-form gradients; see :func:`normkit.functional.reference.batch_norm_backward` for the math.
-
-    Training: ``dx = gain * dy + along * x + constant`` per channel, with ``gain = weight * invstd``,
-    ``along = -gain * invstd^2 * sum(dy * (x - mean)) / n`` and ``constant = -gain * sum(dy) / n - along * mean``.
-    """
-    acc = mean.dtype
-    if dyc.dtype != acc:  # low-precision inputs: the arithmetic runs in float32
-        dyc, xc = dyc.to(acc), xc.to(acc)
-    invstd = torch.rsqrt(var + eps)
-    gain = invstd * weight.to(acc) if weight is not None else invstd
-    sum_dy = sum_dy_centred = None
-    if training or grad_affine:
-        sum_dy = _sum(dyc, kind)
-        centred = xc - _per_channel(mean, kind)
-        sum_dy_centred = _dot(dyc, centred, kind) if kind == "planes" else centred.mul_(dyc).sum(0)
-        del centred
-    if training:
-        count = _count(xc, kind)
-        along = -gain * invstd * invstd * sum_dy_centred / count
-        dxc = scale_shift(xc, kind, along, -gain * sum_dy / count - along * mean)
-        dxc.addcmul_(dyc, _per_channel(gain, kind))
-    else:
-        dxc = dyc * _per_channel(gain, kind)
-    if not grad_affine:
-        return dxc, None, None
-    return dxc, (sum_dy_centred * invstd).to(weight.dtype), sum_dy.to(weight.dtype)
+def per_channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x * scale + shift`` along dim 1 of an ``(N, C, *)`` tensor in its own memory format, as a new tensor (not
+    a view: in-place ops after the layer work), by ATen's inference batch norm with mean 0, variance 1 and eps 0."""
+    return torch.ops.aten._native_batch_norm_legit_no_training(x, scale, shift, torch.zeros_like(scale),
+                                                               torch.ones_like(scale), 0.0, 0.0)[0]
 
 
 class ComposedTrain(torch.autograd.Function):
@@ -154,9 +127,7 @@ class ComposedTrain(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps: float):
         xc = x.view(x.shape[0], x.shape[1], -1)
         mean, var = moments(xc, "planes")
-        scale, shift = affine_coefficients(mean, var, weight, bias, eps)
-        y = torch.ops.aten._native_batch_norm_legit_no_training(x, scale, shift, torch.zeros_like(scale),
-                                                                torch.ones_like(scale), 0.0, 0.0)[0]
+        y = per_channel_affine(x, *affine_coefficients(mean, var, weight, bias, eps))
         ctx.save_for_backward(x, weight, mean, var)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, var)

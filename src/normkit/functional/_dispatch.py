@@ -31,6 +31,22 @@ SHORT_PLANE = 128
 CPU_PLAN: dict[str, str] = {"planes": "compose", "short_planes": "aten", "rows": "aten"}
 
 
+_ENV_KEY = "NORMKIT_BACKEND"
+
+
+def requested_by_environment() -> str | None:
+    """``$NORMKIT_BACKEND`` (read on every call, so it can change at run time), via the environment's own dict where
+    the platform has one: ``os.environ.get`` decodes keys and costs a microsecond per call."""
+    data = getattr(os.environ, "_data", None)
+    if data is None:
+        return os.environ.get(_ENV_KEY)
+    value = data.get(_ENV_KEY_ENCODED)
+    return None if value is None else os.environ.decodevalue(value)
+
+
+_ENV_KEY_ENCODED = os.environ.encodekey(_ENV_KEY) if hasattr(os.environ, "encodekey") else _ENV_KEY
+
+
 def backend_for(x: torch.Tensor, requested: str | None = None, *,
                 refusal: Callable[[], str | None] | None = None, fallback: str = "cpu") -> str:
     """The backend for one call: ``requested``, else ``$NORMKIT_BACKEND``, else the default.
@@ -48,7 +64,7 @@ def backend_for(x: torch.Tensor, requested: str | None = None, *,
         >>> backend_for(torch.zeros(2, 3), "cpu"), backend_for(torch.zeros(2, 3, dtype=torch.float64), "reference")
         ('cpu', 'reference')
     """
-    name = requested or os.environ.get("NORMKIT_BACKEND")
+    name = requested or requested_by_environment()
     refused = refusal if refusal is not None else (lambda: kernels.supports(x))
     if name is None:
         return "triton" if x.is_cuda and refused() is None else "cpu"
@@ -81,8 +97,8 @@ def eager_cpu(x: torch.Tensor) -> bool:
     """Whether this call runs eagerly on a plain CPU tensor: no compiler, exporter or tracer, no ``torch.func``
     transform, no forward-mode AD. Only then may a backend use a custom autograd function or read a value on the
     host (free on CPU); everything else takes ATen's ops, which every transform understands."""
-    return (x.device.type == "cpu" and type(x) is torch.Tensor and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing() and _forward_ad._current_level < 0
+    return (x.is_cpu and type(x) is torch.Tensor and not torch.compiler.is_compiling()
+            and torch._C._get_tracing_state() is None and _forward_ad._current_level < 0
             and not torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 

@@ -48,8 +48,31 @@ def layer_norm(
         >>> layer_norm(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), 4)
         tensor([[-1.3416, -0.4472,  0.4472,  1.3416]])
     """
-    _checks.require_floating(input, "layer_norm")
-    shape = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) else tuple(normalized_shape)
+    if not isinstance(input, torch.Tensor) or not input.is_floating_point():
+        _checks.require_floating(input, "layer_norm")
+    shape = (normalized_shape,) if type(normalized_shape) is int else tuple(normalized_shape)
+    k, dim = len(shape), input.dim()
+    if k == 0 or dim < k or input.shape[dim - k:] != shape:
+        _require_trailing_shape(input, shape)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.shape != shape:
+            raise RuntimeError(
+                f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
+                f"{list(t.shape)} and normalized_shape = {list(shape)}. Pass a {name} of shape {shape}."
+            )
+    x = input.contiguous()  # torch's layer norm computes on (and returns) a contiguous tensor
+    name = backend_for(x, backend, refusal=lambda: params_refusal(x, weight, bias)
+                       or kernels.supports_layer_norm(x, shape))
+    if name == "triton":
+        return kernels.layer_norm(x, shape, weight, bias, eps)
+    if name == "reference":
+        return reference.layer_norm(x, shape, weight, bias, eps)
+    return torch.layer_norm(x, shape, weight, bias, eps, torch.backends.cudnn.enabled)
+
+
+def _require_trailing_shape(input: torch.Tensor, shape: tuple) -> None:
+    """torch's errors for a ``normalized_shape`` that is empty, not positive ints, or not the input's trailing
+    dimensions."""
     k = len(shape)
     if k == 0 or any(not isinstance(s, numbers.Integral) or s <= 0 for s in shape):
         raise RuntimeError(
@@ -63,17 +86,3 @@ def layer_norm(
             f"but got input of size{list(input.shape)}. normalized_shape must equal the input's trailing "
             f"dimensions, e.g. normalized_shape={list(input.shape[-k:]) if input.dim() else []}."
         )
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and tuple(t.shape) != shape:
-            raise RuntimeError(
-                f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
-                f"{list(t.shape)} and normalized_shape = {list(shape)}. Pass a {name} of shape {shape}."
-            )
-    x = input.contiguous()  # torch's layer norm computes on (and returns) a contiguous tensor
-    name = backend_for(x, backend, refusal=lambda: params_refusal(x, weight, bias)
-                       or kernels.supports_layer_norm(x, shape))
-    if name == "triton":
-        return kernels.layer_norm(x, shape, weight, bias, eps)
-    if name == "reference":
-        return reference.layer_norm(x, shape, weight, bias, eps)
-    return torch.layer_norm(x, shape, weight, bias, eps, torch.backends.cudnn.enabled)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from ..functional import _compose, _stats
-from ..functional._layout import Layout, layout_of
+from ..functional._layout import Layout, in_torch_format, layout_of
 
 MAGIC = 4.0e9 + 17.0  # marks both ends of a forward row: a short or shifted row fails the check
 HEADER = 5  # MAGIC, tag, call, channels, count
@@ -115,7 +115,7 @@ def normalize(input, layout, mean, var, weight, bias, eps):
     if input.numel() == 0:
         return torch.empty_like(input)
     scale, shift = _compose.affine_coefficients(mean, var, weight, bias, eps)
-    return layout.restore(_compose.scale_shift(layout.view(input), layout.kind, scale, shift))
+    return _compose.per_channel_affine(in_torch_format(input), scale, shift)
 
 
 def backward_key(tag: int, channels: int) -> float:

@@ -60,13 +60,27 @@ class _BatchNormMixin:
         return self.running_mean, self.running_var, uses_batch_stats
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # _buffers_for_call, _ema_factor and _tracks_this_call written out with one read of each buffer: this runs
+        # every call, and every module attribute read that is a tensor goes through nn.Module.__getattr__.
         self._check_input_dim(input)
-        running_mean, running_var, uses_batch_stats = self._buffers_for_call()
-        output = batch_norm(input, running_mean, running_var, self.weight, self.bias, uses_batch_stats,
-                            self._ema_factor(), self.eps, running_var_mode=self.running_var_mode,
-                            nonfinite=self.nonfinite)
-        if self._tracks_this_call():  # only after a call that succeeded: a failed call changes nothing
-            self.num_batches_tracked.add_(1)
+        buffers = self._buffers
+        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+        counter = buffers.get("num_batches_tracked")
+        training, tracking = self.training, self.track_running_stats
+        tracks = training and tracking and counter is not None
+        if training:
+            uses_batch_stats = True
+            if not tracking:
+                running_mean = running_var = None
+        else:
+            uses_batch_stats = running_mean is None and running_var is None
+        momentum = self.momentum
+        if momentum is None:
+            momentum = _stats.cumulative_factor(int(counter) + 1) if tracks else 0.0
+        output = batch_norm(input, running_mean, running_var, self.weight, self.bias, uses_batch_stats, momentum,
+                            self.eps, running_var_mode=self.running_var_mode, nonfinite=self.nonfinite)
+        if tracks:  # only after a call that succeeded: a failed call changes nothing
+            counter.add_(1)
         return output
 
 
