@@ -94,6 +94,12 @@ def as_float(name: str, value) -> float:
         raise TypeError(f"batch_norm(): argument '{name}' must be float, not {type(value).__name__}.") from None
 
 
+def _traced_factor(momentum) -> bool:
+    """A one-element tensor momentum while torch.compile/export traces (a module's ``momentum=None`` average,
+    computed from its counter without a host read); eagerly such a tensor is read as a float, as torch does."""
+    return isinstance(momentum, torch.Tensor) and momentum.numel() == 1 and torch.compiler.is_compiling()
+
+
 def require_momentum(momentum) -> float:
     """``momentum`` as a float. torch takes any number here (outside [0, 1] the running update extrapolates), and
     so does normkit; the convention is ``running = (1 - momentum) * running + momentum * batch``."""
@@ -169,7 +175,7 @@ def validate_batch_norm(input, running_mean, running_var, weight, bias, training
         choice("running_var_mode", running_var_mode, RUNNING_VAR_MODES)
     if nonfinite not in NONFINITE_POLICIES:
         choice("nonfinite", nonfinite, NONFINITE_POLICIES)
-    if type(momentum) is not float:
+    if type(momentum) is not float and not _traced_factor(momentum):
         momentum = as_float("momentum", momentum)
     if type(eps) is not float:
         eps = as_float("eps", eps)

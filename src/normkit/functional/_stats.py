@@ -69,7 +69,7 @@ def update_running_stats(
         require_finite_statistics(mean, var)
     stored_var = unbiased(var, count) if running_var_mode == "unbiased" else var
     old = torch.stack((running_mean, running_var))
-    batch = torch.stack((mean, stored_var)).to(old.dtype)
+    batch = torch.stack((mean, stored_var)).detach().to(old.dtype)
     new = old * (1.0 - momentum) + batch * momentum
     if nonfinite == "skip":
         new = torch.where(torch.isfinite(mean) & torch.isfinite(var), new, old)
@@ -80,9 +80,9 @@ def write_running(running_mean: torch.Tensor, running_var: torch.Tensor, values:
     """Copy the stacked ``(2, C)`` ``values`` into the buffers without bumping their autograd version, as ATen's own
     update does (a graph that saved the buffers, e.g. an earlier call in eval mode, stays valid). Traced by a
     compiler or exporter, where no eager graph holds the buffers, it is a plain in-place copy."""
+    values = values.detach()
     if torch.compiler.is_compiling():
-        with torch.no_grad():
-            torch._foreach_copy_([running_mean, running_var], [values[0], values[1]])
+        torch._foreach_copy_([running_mean, running_var], [values[0], values[1]])
     else:
         torch._foreach_copy_([running_mean.data, running_var.data], [values[0], values[1]])
 

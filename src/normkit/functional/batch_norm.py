@@ -75,14 +75,13 @@ def batch_norm(
         output = _aten.evaluate(x, running_mean, running_var, weight, bias, eps, training)
     elif not training:
         output = _evaluate(name, x, running_mean, running_var, weight, bias, eps)
-    elif (name == "cpu" and (running_var_mode == "unbiased" or running_mean is None)
+    elif (name == "cpu" and (running_var_mode == "unbiased" or running_mean is None) and type(momentum) is float
           and not _dispatch.composes_training(x)):
         output = _train_in_place(x, weight, bias, running_mean, running_var, momentum, eps, nonfinite)
     else:
         output, mean, var = _train(name, x, weight, bias, eps)
-        with torch.no_grad():
-            _stats.update_running_stats(running_mean, running_var, mean, var, x.numel() // max(x.shape[1], 1),
-                                        momentum, running_var_mode, nonfinite)
+        _stats.update_running_stats(running_mean, running_var, mean, var, x.numel() // max(x.shape[1], 1),
+                                    momentum, running_var_mode, nonfinite)
     return output if channel == 1 else output.view(input.shape)
 
 
@@ -126,8 +125,7 @@ def _train_in_place(x, weight, bias, running_mean, running_var, momentum, eps, n
     output, save_mean, save_invstd = _aten.train_in_place(x, weight, bias, running_mean, running_var, momentum, eps)
     if nonfinite == "skip" and _dispatch.eager_cpu(x) and math.isfinite(torch.dot(running_mean, running_var)):
         return output
-    with torch.no_grad():
-        _stats.restore_nonfinite_channels(running_mean, running_var, old, save_mean, save_invstd, nonfinite)
+    _stats.restore_nonfinite_channels(running_mean, running_var, old, save_mean, save_invstd, nonfinite)
     return output
 
 

@@ -7,6 +7,7 @@ import math
 import torch
 
 from . import _checks, _stats, reference
+from ._snapshot import snapshot
 from .batch_norm import batch_norm, train_with_statistics
 
 
@@ -89,9 +90,9 @@ def batch_renorm(
     if nonfinite == "raise":
         _stats.require_finite_statistics(mean, var)
     with torch.no_grad():  # r and d: constants of this step, from the running statistics before the update
-        sigma = torch.sqrt(running_var.to(mean.dtype) + eps)
+        sigma = torch.sqrt(snapshot(running_var, mean.dtype) + eps)
         r = (torch.sqrt(var + eps) / sigma).clamp(1.0 / rmax, rmax)
-        d = ((mean - running_mean.to(mean.dtype)) / sigma).clamp(-dmax, dmax)
+        d = ((mean - snapshot(running_mean, mean.dtype)) / sigma).clamp(-dmax, dmax)
         _stats.update_running_stats(running_mean, running_var, mean, var, input.numel() // input.shape[channel],
                                     momentum, running_var_mode, nonfinite)
     return _correct(y, r, d, weight, bias, channel)
@@ -187,9 +188,9 @@ def batch_renorm_keras(
     with torch.no_grad():
         acc = mean.dtype
         stddev = torch.sqrt(var + eps)
-        sigma = torch.clamp_min(renorm_stddev.to(acc), math.sqrt(eps))
+        sigma = torch.clamp_min(snapshot(renorm_stddev, acc), math.sqrt(eps))
         r = (stddev / sigma).clamp(rmin, rmax)
-        d = ((mean - renorm_mean.to(acc)) / sigma).clamp(-dmax, dmax)
+        d = ((mean - snapshot(renorm_mean, acc)) / sigma).clamp(-dmax, dmax)
         dtype = moving_mean.dtype
         torch._foreach_lerp_([renorm_mean, renorm_stddev], [mean.to(dtype), stddev.to(dtype)],
                              renorm_momentum)

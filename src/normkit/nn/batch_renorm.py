@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..functional._snapshot import snapshot
 from ..functional.batch_renorm import batch_renorm, batch_renorm_keras, check_bounds
 from . import _scripting
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -112,7 +113,7 @@ class _BatchRenormMixin:
         compiled or exported model follows the schedule without reading the counter on the host)."""
         if not torch.compiler.is_compiling() or self.num_batches_tracked is None:
             return self.current_bounds()
-        return renorm_bounds(self.num_batches_tracked.to(torch.float32), self.rmax, self.dmax, self.warmup_steps,
+        return renorm_bounds(snapshot(self.num_batches_tracked, torch.float32), self.rmax, self.dmax, self.warmup_steps,
                              self.rmax_ramp_end, self.dmax_ramp_end)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..functional import _checks, _stats
+from ..functional._snapshot import snapshot
 from ..functional.batch_norm import batch_norm
 from . import _scripting
 
@@ -40,9 +41,11 @@ class _BatchNormMixin:
         """The running-update factor of this call; ``momentum=None`` averages over every batch so far."""
         if self.momentum is not None:
             return self.momentum
-        if self._tracks_this_call():
-            return _stats.cumulative_factor(int(self.num_batches_tracked) + 1)
-        return 0.0
+        if not self._tracks_this_call():
+            return 0.0
+        if torch.compiler.is_compiling():  # traced: from the counter, without reading it on the host
+            return 1.0 / (snapshot(self.num_batches_tracked, torch.float64) + 1)
+        return _stats.cumulative_factor(int(self.num_batches_tracked) + 1)
 
     def _tracks_this_call(self) -> bool:
         return self.training and self.track_running_stats and self.num_batches_tracked is not None
@@ -76,7 +79,7 @@ class _BatchNormMixin:
             uses_batch_stats = running_mean is None and running_var is None
         momentum = self.momentum
         if momentum is None:
-            momentum = _stats.cumulative_factor(int(counter) + 1) if tracks else 0.0
+            momentum = self._ema_factor()
         output = batch_norm(input, running_mean, running_var, self.weight, self.bias, uses_batch_stats, momentum,
                             self.eps, running_var_mode=self.running_var_mode, nonfinite=self.nonfinite)
         if tracks:  # only after a call that succeeded: a failed call changes nothing

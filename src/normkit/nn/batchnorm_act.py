@@ -79,9 +79,8 @@ class _BatchNormActMixin:
                                            activation=self.act, residual=residual)
         output, mean, var = kernels.batch_norm_train(x, self.weight, self.bias, self.eps, activation=self.act,
                                                      residual=residual)
-        with torch.no_grad():
-            _stats.update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1],
-                                        momentum, self.running_var_mode, self.nonfinite)
+        _stats.update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum,
+                                    self.running_var_mode, self.nonfinite)
         return output
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..functional import _checks, _stats
+from ..functional._snapshot import snapshot
 from . import _scripting
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -43,10 +44,10 @@ class _StreamingMixin:
         """The weight of the current batch: 1 on the first batch (the stream starts from it), then ``momentum``
         (``momentum=None``: ``1 / (t + 1)``, the plain average of the batches so far)."""
         if torch.compiler.is_compiling():  # traced: the same rule without reading the counter on the host
-            seen = self.num_batches_tracked.to(torch.float64)
+            seen = snapshot(self.num_batches_tracked, torch.float64)
             if self.momentum is None:
                 return 1.0 / (seen + 1)
-            return torch.where(seen == 0, 1.0, float(self.momentum))
+            return torch.where(seen == 0, torch.ones_like(seen), torch.full_like(seen, float(self.momentum)))
         seen = int(self.num_batches_tracked)
         if seen == 0:
             return 1.0
@@ -61,8 +62,8 @@ class _StreamingMixin:
         acc = input.to(_stats.accumulation_dtype(input.dtype))
         batch_var, batch_mean = torch.var_mean(acc, dim=dims, correction=0)
         factor = self._streaming_factor()
-        old_mean = self.running_mean.to(acc.dtype)
-        old_var = self.running_var.to(acc.dtype)
+        old_mean = snapshot(self.running_mean, acc.dtype)  # overwritten later in this forward
+        old_var = snapshot(self.running_var, acc.dtype)
         mean = torch.lerp(old_mean, batch_mean, factor)
         # Chan's merge of two weighted populations (weights 1 - f and f): exact exponentially weighted variance.
         var = (1.0 - factor) * old_var + factor * batch_var + factor * (1.0 - factor) * (batch_mean - old_mean) ** 2
@@ -102,14 +103,11 @@ class _StreamingMixin:
             output = output + self.bias.to(mean.dtype).view(shape)
         output = output.to(input.dtype)
 
-        with torch.no_grad():
-            new_mean, new_var = mean.detach(), var.detach()
-            if self.nonfinite == "skip":
-                new_mean = torch.where(finite, new_mean, self.running_mean.to(new_mean.dtype))
-                new_var = torch.where(finite, new_var, self.running_var.to(new_var.dtype))
-            self.running_mean.copy_(new_mean)
-            self.running_var.copy_(new_var)
-            self.num_batches_tracked.add_(1)
+        new = torch.stack((mean.detach(), var.detach()))
+        if self.nonfinite == "skip":
+            new = torch.where(finite, new, torch.stack((self.running_mean, self.running_var)).to(new.dtype))
+        _stats.write_running(self.running_mean, self.running_var, new)
+        self.num_batches_tracked.add_(1)
         return output
 
 
