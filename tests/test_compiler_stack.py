@@ -52,7 +52,7 @@ def _build(name):
     with torch.no_grad():  # non-trivial state, the same for every copy
         for tensor in module.parameters():
             tensor.uniform_(0.5, 1.5)
-        for key, tensor in module.named_buffers():
+        for tensor in module.buffers():
             if tensor.is_floating_point():
                 tensor.add_(torch.rand_like(tensor) * 0.5)
     return module, torch.randn(shape) * 2 + 0.5

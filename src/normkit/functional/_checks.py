@@ -26,10 +26,15 @@ def require_tensor(x, op: str) -> None:
         raise TypeError(f"{op}: expected input to be a torch.Tensor, got {type(x).__name__}.")
 
 
+class UnsupportedDtypeError(TypeError, NotImplementedError):
+    """A non-floating input: a ``TypeError``, and a ``NotImplementedError`` as torch raises for it ("batch_norm" not
+    implemented for 'Long'), so code written against either keeps working."""
+
+
 def require_floating(x: torch.Tensor, op: str) -> None:
     require_tensor(x, op)
     if not x.is_floating_point():
-        raise TypeError(
+        raise UnsupportedDtypeError(
             f"{op}: expected a floating-point input (float16, bfloat16, float32 or float64), got {x.dtype}. "
             "Convert it first, e.g. input.float()."
         )
@@ -188,6 +193,12 @@ def validate_batch_norm(input, running_mean, running_var, weight, bias, training
             require_per_channel(name, t, channels, input)
         require_compatible_dtypes(input, weight=weight, bias=bias, running_mean=running_mean,
                                   running_var=running_var)
+    if not training and (running_mean is None or running_var is None):
+        missing = "running_mean" if running_mean is None else "running_var"
+        raise RuntimeError(
+            f"{missing} must be defined in evaluation mode: with training=False batch_norm normalizes with the "
+            "running statistics. Pass both, or training=True to use the batch's statistics."
+        )
     if (running_mean is None) != (running_var is None):
         raise ValueError(
             "running_mean and running_var must either both be None or neither be None; got "
@@ -208,11 +219,6 @@ def validate_batch_norm(input, running_mean, running_var, weight, bias, training
                 "This input cannot have requires_grad True. Running statistics are buffers: pass "
                 "running_mean.detach() / running_var.detach() (or register them with register_buffer)."
             )
-    elif not training:
-        raise RuntimeError(
-            "running_mean must be defined in evaluation mode: with training=False batch_norm normalizes with the "
-            "running statistics. Pass them, or training=True to use the batch's statistics."
-        )
     if training and input.numel() == channels:
         require_more_than_one_value_per_channel(input, channel)
     return channel, momentum, eps

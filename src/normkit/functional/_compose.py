@@ -138,13 +138,13 @@ class ComposedTrain(torch.autograd.Function):
         from . import reference
 
         x, weight, mean, var = ctx.saved_tensors
+        need = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: statistics as functions of x, in differentiable ops
             mean, var = reference.batch_moments(x, 1)
             dx, dw, db = reference.batch_norm_backward(grad_output, x, weight, mean, torch.rsqrt(var + ctx.eps),
                                                        True, 1)
         else:
-            need = ctx.needs_input_grad
-            mask = [need[0], weight is not None and need[1], weight is not None and need[2]]
+            mask = [need[0], weight is not None and need[1], need[2]]
             dx, dw, db = torch.ops.aten.native_batch_norm_backward(
                 grad_output, x, weight, None, None, mean, torch.rsqrt(var + ctx.eps), True, ctx.eps, mask)
-        return dx, dw, db, None
+        return dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None

@@ -102,9 +102,12 @@ def eager_cpu(x: torch.Tensor) -> bool:
             and not torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
-def composes_training(x: torch.Tensor) -> bool:
-    """Whether the "cpu" backend computes this training call's statistics with normkit's composition."""
-    return x.dtype == torch.float32 and CPU_PLAN[plan_kind(x)] == "compose" and eager_cpu(x)
+def composes_training(x: torch.Tensor, nonfinite: str = "skip") -> bool:
+    """Whether the "cpu" backend computes this training call's statistics with normkit's composition. Not under
+    ``nonfinite="propagate"``, which promises torch's running statistics even from inf/NaN batches (the
+    composition's shifted sums can turn an inf into a NaN)."""
+    return (x.dtype == torch.float32 and nonfinite != "propagate" and CPU_PLAN[plan_kind(x)] == "compose"
+            and eager_cpu(x))
 
 
 def params_refusal(x: torch.Tensor, *params: torch.Tensor | None) -> str | None:

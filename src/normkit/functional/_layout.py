@@ -96,3 +96,16 @@ def in_torch_format(x: torch.Tensor) -> torch.Tensor:
         return x
     memory_format = suggest_memory_format(x)
     return x if x.is_contiguous(memory_format=memory_format) else x.contiguous(memory_format=memory_format)
+
+
+def gradient_in_torch_format(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (a view of it) whose gradient arrives in ``x``'s memory format, as torch's batch and group norm give
+    it, whatever the layout of the gradient flowing back. For backends built from elementwise ops, whose input
+    gradient would otherwise follow the upstream gradient's layout."""
+    if not x.requires_grad or not torch.is_grad_enabled():
+        return x
+    memory_format = suggest_memory_format(x)
+    view = x.view_as(x)
+    view.register_hook(lambda g: g if g.is_contiguous(memory_format=memory_format)
+                       else g.contiguous(memory_format=memory_format))
+    return view

@@ -68,9 +68,9 @@ def update_running_stats(
     if nonfinite == "raise":
         require_finite_statistics(mean, var)
     stored_var = unbiased(var, count) if running_var_mode == "unbiased" else var
-    old = torch.stack((running_mean, running_var))
-    batch = torch.stack((mean, stored_var)).detach().to(old.dtype)
-    new = old * (1.0 - momentum) + batch * momentum
+    acc = accumulation_dtype(running_mean.dtype)  # float16 buffers move in float32 and are rounded once
+    old = torch.stack((running_mean, running_var)).to(acc)
+    new = old * (1.0 - momentum) + torch.stack((mean, stored_var)).detach().to(acc) * momentum
     if nonfinite == "skip":
         new = torch.where(torch.isfinite(mean) & torch.isfinite(var), new, old)
     write_running(running_mean, running_var, new)

@@ -71,15 +71,17 @@ def batch_norm(
                                                          momentum, eps, running_var_mode, channel_dim, nonfinite)
     x = _native(input, channel)
     name = _dispatch.backend_for(x, backend)
+    if name == "reference":  # autograd through elementwise ops: the input gradient in torch's format
+        x = _native(_layout.gradient_in_torch_format(input), channel)
     if x.numel() == 0:  # torch's result: an empty output that still depends on the affine parameters
         output = _aten.evaluate(x, running_mean, running_var, weight, bias, eps, training)
     elif not training:
         output = _evaluate(name, x, running_mean, running_var, weight, bias, eps)
     elif (name == "cpu" and (running_var_mode == "unbiased" or running_mean is None) and type(momentum) is float
-          and not _dispatch.composes_training(x)):
+          and not _dispatch.composes_training(x, nonfinite)):
         output = _train_in_place(x, weight, bias, running_mean, running_var, momentum, eps, nonfinite)
     else:
-        output, mean, var = _train(name, x, weight, bias, eps)
+        output, mean, var = _train(name, x, weight, bias, eps, nonfinite)
         _stats.update_running_stats(running_mean, running_var, mean, var, x.numel() // max(x.shape[1], 1),
                                     momentum, running_var_mode, nonfinite)
     return output if channel == 1 else output.view(input.shape)
@@ -104,13 +106,13 @@ def _evaluate(name, x, running_mean, running_var, weight, bias, eps):
     return _aten.evaluate(x, running_mean, running_var, weight, bias, eps)
 
 
-def _train(name, x, weight, bias, eps):
+def _train(name, x, weight, bias, eps, nonfinite="skip"):
     """``(output, batch mean, biased batch variance)`` from the backend, for the front to store."""
     if name == "triton":
         return kernels.batch_norm_train(x, weight, bias, eps)
     if name == "reference":
         return reference.train_forward(x, 1, weight, bias, eps)
-    if _dispatch.composes_training(x):
+    if _dispatch.composes_training(x, nonfinite):
         return _compose.ComposedTrain.apply(x, weight, bias, eps)
     return _aten.train(x, weight, bias, eps)
 

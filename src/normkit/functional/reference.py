@@ -78,9 +78,11 @@ def normalize(input, channel, mean, var, weight, bias, eps) -> torch.Tensor:
 
 def train_forward(input, channel, weight, bias, eps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, mean, biased var)`` with the batch's statistics; ``y`` differentiable through them (an empty batch
-    gives NaN statistics and an empty ``y``)."""
-    mean, var = batch_moments(input, channel)
-    return normalize(input, channel, mean, var, weight, bias, eps), mean.detach(), var.detach()
+    gives NaN statistics and an empty ``y``). A float16/bfloat16 input is converted once, so its gradient's two
+    large, cancelling terms meet in float32."""
+    xf = input.to(_stats.accumulation_dtype(input.dtype))
+    mean, var = batch_moments(xf, channel)
+    return normalize(xf, channel, mean, var, weight, bias, eps).to(input.dtype), mean.detach(), var.detach()
 
 
 def batch_norm_backward(
@@ -106,7 +108,7 @@ def batch_norm_backward(
     ``invstd`` are the statistics the forward normalized with; pass them as functions of ``input`` to get a graph
     that differentiates the batch statistics too (double backward).
 
-    Returns ``(grad_input, grad_weight, grad_bias)``; the last two are ``None`` when ``weight`` is ``None``.
+    Returns ``(grad_input, grad_weight, grad_bias)``; ``grad_weight`` is ``None`` when ``weight`` is ``None``.
     """
     dims = [d for d in range(input.dim()) if d != channel]
     shape = per_channel_shape(input, channel)
@@ -119,10 +121,8 @@ def batch_norm_backward(
                                            - x_hat * (g * x_hat).mean(dims, keepdim=True))
     else:
         grad_input = g * invstd.view(shape)
-    if weight is None:
-        return grad_input.to(input.dtype), None, None
-    grad_weight = (dy * x_hat).sum(dims).to(weight.dtype)
-    grad_bias = dy.sum(dims).to(weight.dtype)
+    grad_weight = None if weight is None else (dy * x_hat).sum(dims).to(weight.dtype)
+    grad_bias = dy.sum(dims).to(weight.dtype if weight is not None else acc)
     return grad_input.to(input.dtype), grad_weight, grad_bias
 
 
