@@ -65,9 +65,11 @@ def backend_for(x: torch.Tensor, requested: str | None = None, *,
         ('cpu', 'reference')
     """
     name = requested or requested_by_environment()
+    if name is None and not x.is_cuda:
+        return "cpu"
     refused = refusal if refusal is not None else (lambda: kernels.supports(x))
     if name is None:
-        return "triton" if x.is_cuda and refused() is None else "cpu"
+        return "triton" if refused() is None else "cpu"
     if name not in BACKENDS:
         raise ValueError(
             f"unknown normkit backend {name!r}; expected one of {', '.join(map(repr, BACKENDS))} "
