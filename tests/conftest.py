@@ -35,3 +35,12 @@ def quick_experiment():
         return results[name]
 
     return run
+
+
+@pytest.fixture
+def composition_from_128_values(monkeypatch):
+    """normkit's statistics composition on planes of >= 128 values (by default only on much larger ones, where it
+    measured no slower than ATen), so that tests reach it with small inputs."""
+    from normkit.functional import _dispatch
+
+    monkeypatch.setattr(_dispatch, "SHORT_PLANE", 128)

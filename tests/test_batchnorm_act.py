@@ -121,6 +121,7 @@ def test_gradcheck_float64(act, training):
 
 
 @pytest.mark.parametrize("shape", [(4, 3, 5, 5), (4, 3, 16, 16)], ids=["aten", "composition"])
+@pytest.mark.usefixtures("composition_from_128_values")
 def test_backward_saves_no_activation_sized_extras(shape):
     """torchvision's block: the residual is added and the ReLU applied in place, so the graph keeps only the input
     (for the norm's backward) and the output (for the ReLU's): no pre-activation copy, no saved residual."""

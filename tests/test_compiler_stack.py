@@ -15,7 +15,8 @@ from torch.func import functional_call, grad, jvp, vmap
 import normkit
 
 # torch itself calls deprecated TorchScript entry points inside inductor and torch.func on torch >= 2.10
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script.*is deprecated:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script.*is deprecated:DeprecationWarning"),
+              pytest.mark.usefixtures("composition_from_128_values")]
 
 
 def _family():

@@ -74,10 +74,11 @@ def test_channel_dim_equals_moving_the_channels(shape, channel_dim):
 @pytest.mark.parametrize("impl", ["compose", "aten"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.usefixtures("composition_from_128_values")
 def test_every_plan_choice_matches_the_reference(kind, impl, dtype, training, monkeypatch):
     monkeypatch.setitem(_dispatch.CPU_PLAN, kind, impl)
     torch.manual_seed(0)
-    shape = (2, 3, 8, _dispatch.SHORT_PLANE // 8) if kind == "planes" else (4, 3, 5, 6)
+    shape = (2, 3, 8, 16) if kind == "planes" else (4, 3, 5, 6)  # 128 values per plane
     if kind == "rows" and impl == "compose":
         pytest.skip("the composition takes contiguous planes only")
     x = torch.randn(shape, dtype=dtype) * 2 + 7
@@ -122,6 +123,7 @@ def test_gradcheck_and_gradgradcheck_float64(training, affine, memory_format):
     *[(s, f) for s in (0.0, 1e2, 1e3) for f in (torch.contiguous_format, torch.channels_last)],
     (1e4, torch.contiguous_format),
 ])
+@pytest.mark.usefixtures("composition_from_128_values")
 def test_large_means_cost_no_precision(shift, memory_format):
     torch.manual_seed(0)
     x = (torch.randn(8, 4, 16, 16) + shift).contiguous(memory_format=memory_format)
@@ -201,6 +203,7 @@ def test_empty_batch_keeps_statistics_and_has_gradients():
     ((2, 3, 4, 4), torch.contiguous_format),  # short planes: ATen moves the buffers, normkit restores
     ((2, 3, 4, 4), torch.channels_last),  # rows: likewise
 ])
+@pytest.mark.usefixtures("composition_from_128_values")
 def test_a_skipped_nonfinite_batch_still_backpropagates(shape, memory_format):
     x = torch.randn(shape).contiguous(memory_format=memory_format)
     x[0, 1, 0, 0] = float("inf")

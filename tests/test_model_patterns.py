@@ -12,6 +12,9 @@ from torch import nn
 import normkit
 from normkit.tools import convert
 
+# normkit's statistics composition on the small planes these tests afford (see tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("composition_from_128_values")
+
 
 class BasicBlock(nn.Module):
     """torchvision's ResNet basic block: conv-bn-relu_, conv-bn, ``out += identity``, relu_."""

@@ -22,12 +22,13 @@ BACKENDS = ("reference", "cpu", "triton")
 
 # Where normkit's composition (_compose: a corrected two-pass statistics pass over contiguous planes, then ATen's
 # per-channel multiply-add) replaces ATen's training forward on the "cpu" backend; its backward is always ATen's.
-# Measured side by side with `python benchmarks/bench_batchnorm.py --passes` on the 2-core CI machine (numbers in
-# BENCHMARKS.md). "short_planes" are planes of fewer than SHORT_PLANE values (e.g. 7x7 maps), where the
-# composition's per-call cost outweighs what it saves over ATen's per-channel loop. Everything else (evaluation,
-# backward, channels_last "rows", float16/bfloat16/float64) is ATen's, and so is every call under torch.compile,
-# export, torch.func, forward-mode AD or tracing: the composition is an eager, CPU, float32 shortcut.
-SHORT_PLANE = 128
+# Measured side by side with `python benchmarks/bench_batchnorm.py --passes` on the 2-core CI machine (BENCHMARKS.md):
+# on 2026-12-03 it tied ATen on 56x56 planes (1.02x forward, 0.99x forward+backward) and lost below (0.79x at
+# 14x14, 0.95x forward+backward at 28x28), so it runs only on planes of at least SHORT_PLANE values.
+# Everything else (evaluation, backward, channels_last "rows", float16/bfloat16/float64) is ATen's, and so is every
+# call under torch.compile, export, torch.func, forward-mode AD or tracing: the composition is an eager, CPU,
+# float32 shortcut.
+SHORT_PLANE = 2048
 CPU_PLAN: dict[str, str] = {"planes": "compose", "short_planes": "aten", "rows": "aten"}
 
 
