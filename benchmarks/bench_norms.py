@@ -1,7 +1,9 @@
-"""GroupNorm / LayerNorm / InstanceNorm on CPU: normkit vs torch eager, side by side; and each pass's candidates.
+"""GroupNorm / LayerNorm / InstanceNorm on CPU: normkit vs torch eager, side by side.
 
     python benchmarks/bench_norms.py            # end to end, markdown rows for BENCHMARKS.md
-    python benchmarks/bench_norms.py --passes   # compose vs ATen per op and pass (justifies _rownorm.PLAN)
+
+normkit runs torch's own ops behind its front (InstanceNorm without running statistics: ATen's group norm with one
+channel per group), so what the table shows is the front's per-call cost, and InstanceNorm's faster route.
 
 Same method as bench_batchnorm.py: paired, interleaved rounds (runner.paired), median of per-round ratios.
 """
@@ -14,7 +16,6 @@ import sys
 
 import torch
 
-from normkit.functional import _rownorm
 from normkit.nn.instancenorm import InstanceNorm2d
 from normkit.nn.normalization import GroupNorm, LayerNorm
 
@@ -30,7 +31,6 @@ CASES = [
     ("ln", (64, 196, 768), "-"),
     ("in", (8, 64, 64, 64), "nchw"),
 ]
-OPS = {"gn32": "group_norm", "ln": "layer_norm", "in": "instance_norm"}
 COMMAND = "python benchmarks/bench_norms.py"
 
 
@@ -90,47 +90,12 @@ def end_to_end(rounds, repeat):
               f"{speedups[0]:.2f}-{speedups[-1]:.2f}x | {machine()} | {today()} | `{COMMAND} --repeat {repeat}` |")
 
 
-def _with_plan(op, pass_name, impl, call):
-    def run():
-        saved = _rownorm.PLAN[(op, pass_name)]
-        _rownorm.PLAN[(op, pass_name)] = impl
-        try:
-            return call()
-        finally:
-            _rownorm.PLAN[(op, pass_name)] = saved
-
-    return run
-
-
-def pass_candidates(rounds):
-    """For every case and pass, normkit's composition against ATen's kernel (the _rownorm.PLAN evidence).
-    "forward" is a no-grad call; "backward" is forward+backward with only the backward implementation switched."""
-    print("\n| op | pass | shape | layout | compose ms | aten ms | compose speed-up | plan | machine | date |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for op, shape, layout in CASES:
-        x = make_input(shape, layout)
-        ours, _ = module_pair(op, shape)
-        upstream = torch.randn_like(x)
-        name = OPS[op]
-        for pass_name, backward in (("forward", False), ("backward", True)):
-            call = lambda b=backward: _call(ours, x, upstream, b)  # noqa: E731
-            r = paired(_with_plan(name, pass_name, "aten", call), _with_plan(name, pass_name, "compose", call),
-                       rounds=rounds)
-            print(f"| {op} | {pass_name} | {'x'.join(map(str, shape))} | {layout} | {r.candidate_ms:.2f} | "
-                  f"{r.baseline_ms:.2f} | {r.speedup:.2f}x | {_rownorm.PLAN[(name, pass_name)]} | {machine()} | "
-                  f"{today()} |", flush=True)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--passes", action="store_true", help="compare each pass's candidate implementations")
     parser.add_argument("--rounds", type=int, default=11, help="timed rounds per measurement (median reported)")
     parser.add_argument("--repeat", type=int, default=2, help="times the whole end-to-end suite runs")
     args = parser.parse_args(argv)
-    if args.passes:
-        pass_candidates(args.rounds)
-    else:
-        end_to_end(args.rounds, args.repeat)
+    end_to_end(args.rounds, args.repeat)
 
 
 if __name__ == "__main__":
