@@ -27,6 +27,8 @@ SHAPES = [
     ((256, 1024), "-"),
     ((8, 128, 32), "nlc"),
 ]
+# --passes also measures 28x28 planes, the size between the composition's threshold and the planes it loses on
+PASS_SHAPES = [*SHAPES[:2], ((32, 128, 28, 28), "nchw"), *SHAPES[2:]]
 COMMAND = "python benchmarks/bench_batchnorm.py"
 
 
@@ -83,12 +85,13 @@ def end_to_end(rounds, repeat):
               f"{speedups[0]:.2f}-{speedups[-1]:.2f}x | {machine()} | {today()} | `{COMMAND} --repeat {repeat}` |")
 
 
-def pass_candidates(rounds):
+def pass_candidates(rounds, repeat=1):
     """For every contiguous-planes shape, normkit's composition against ATen's kernel for the training statistics,
-    each behind the same front (the CPU_PLAN evidence); the backward is ATen's either way."""
+    each behind the same front (the CPU_PLAN evidence); the backward is ATen's either way. One row per shape, pass
+    and repeat."""
     print("\n| plan row | pass | shape | compose ms | aten ms | compose speed-up | plan | machine | date |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for shape, layout in SHAPES:
+    for shape, layout in [case for _ in range(repeat) for case in PASS_SHAPES]:
         x = make_input(shape, layout)
         kind = _dispatch.plan_kind(x)
         if kind == "rows":
@@ -153,7 +156,7 @@ def main(argv=None):
     if args.compiled:
         compiled_candidate(args.rounds)
     elif args.passes:
-        pass_candidates(args.rounds)
+        pass_candidates(args.rounds, args.repeat)
     else:
         end_to_end(args.rounds, args.repeat)
 
