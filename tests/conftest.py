@@ -39,8 +39,19 @@ def quick_experiment():
 
 @pytest.fixture
 def composition_from_128_values(monkeypatch):
-    """normkit's statistics composition on planes of >= 128 values (by default only on much larger ones, where it
-    measured no slower than ATen), so that tests reach it with small inputs."""
+    """normkit's statistics composition switched on (ATen runs by default: BENCHMARKS.md) for planes of >= 128
+    values, so that tests reach it with small inputs."""
     from normkit.functional import _dispatch
 
+    monkeypatch.setitem(_dispatch.CPU_PLAN, "planes", "compose")
     monkeypatch.setattr(_dispatch, "SHORT_PLANE", 128)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of many tiny calls: on a busy 2-core machine OpenMP's spinning threads fight
+    over the cores (a (4, 10) batch norm runs up to 30x slower). Restored when the module's tests end."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -722,12 +722,9 @@ CHUNK_SIZE = -(-len(CLEAN) // CHUNKS)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors are small: one intra-op thread, or OpenMP's spinning threads fight over the 2 cores (5x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
+    """The tensors are small: one intra-op thread (see tests/conftest.py)."""
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("chunk", range(CHUNKS))
