@@ -245,3 +245,12 @@ def test_moments_when_the_first_sample_is_far_from_the_rest(memory_format):
     expected_mean, expected_var = reference.batch_moments(x.double(), 1)
     assert_close(mean.double(), expected_mean, atol=1e-5, rtol=1e-6, what="mean")
     assert_close(var.double(), expected_var, atol=0, rtol=1e-5, what="var")
+
+
+def test_cuda_tensors_default_to_torchs_kernels(monkeypatch):
+    """The Triton kernels run on request only, until a GPU run has measured them (issue 13's safe default)."""
+    monkeypatch.delenv("NORMKIT_BACKEND", raising=False)
+    cuda_like = torch.empty(2, 3, device="meta")
+    monkeypatch.setattr(type(cuda_like), "is_cuda", property(lambda self: True))
+    assert _dispatch.backend_for(cuda_like) == "cpu"
+    assert _dispatch.backend_for(cuda_like, "reference") == "reference"

@@ -1,10 +1,10 @@
 """Picks the backend of each call, after the front (validation, memory format, dtype policy) has run.
 
-Backends only compute: ``"cpu"`` (torch's ATen ops, ``_aten``, with normkit's faster statistics pass, ``_compose``,
-where CPU_PLAN says it measured faster; it runs on any device), ``"reference"`` (the readable oracle),
-``"triton"`` (``normkit.kernels``: the default for CUDA tensors when triton is installed and the kernels take the
-call). ``NORMKIT_BACKEND`` or a ``backend=`` argument forces one; a forced ``"triton"`` falls back for calls the
-kernels do not take (see ``docs/kernels.md``).
+Backends only compute: ``"cpu"`` (the default on every device: torch's ATen ops, ``_aten``, with normkit's
+statistics composition, ``_compose``, where CPU_PLAN enables it), ``"reference"`` (the readable oracle),
+``"triton"`` (``normkit.kernels``, on request until a GPU run has measured them). ``NORMKIT_BACKEND`` or a
+``backend=`` argument forces one; a forced ``"triton"`` falls back to ``"cpu"`` for calls the kernels do not take
+(see ``docs/kernels.md``).
 """
 
 from __future__ import annotations
@@ -50,28 +50,27 @@ _ENV_KEY_ENCODED = os.environ.encodekey(_ENV_KEY) if hasattr(os.environ, "encode
 
 
 def backend_for(x: torch.Tensor, requested: str | None = None, *,
-                refusal: Callable[[], str | None] | None = None, fallback: str = "cpu") -> str:
-    """The backend for one call: ``requested``, else ``$NORMKIT_BACKEND``, else the default.
+                refusal: Callable[[], str | None] | None = None) -> str:
+    """The backend for one call: ``requested``, else ``$NORMKIT_BACKEND``, else ``"cpu"``.
 
-    ``refusal()`` says why the Triton kernels would not take this call (``None``: they take it); by default the
-    batch-norm kernels' answer :func:`normkit.kernels.supports` for ``x``. The default backend is ``"triton"`` for a
-    CUDA tensor the kernels take, else ``"cpu"``. A forced ``"triton"`` needs a CUDA tensor, or a CPU one under
-    ``TRITON_INTERPRET=1`` (Triton's interpreter, how the tests run the kernels); a call the kernels refuse
-    (float64, ``"gelu"``, ...) runs ``fallback`` instead (``"cpu"``: torch's ATen ops with the same semantics).
+    ``"cpu"`` is torch's own ATen ops behind normkit's front and runs on every device, CUDA included: normkit's
+    Triton kernels are correct under Triton's interpreter but have not been measured on a GPU yet, so until a GPU
+    run shows a case faster (issue 13's ``CUDA_PLAN``) they run only when asked for, ``backend="triton"`` or
+    ``NORMKIT_BACKEND=triton``. ``refusal()`` says why the kernels would not take a call (``None``: they take it;
+    by default the batch-norm kernels' answer :func:`normkit.kernels.supports`); a forced ``"triton"`` needs a
+    CUDA tensor, or a CPU one under ``TRITON_INTERPRET=1`` (how the tests run the kernels), and a call the kernels
+    refuse (float64, ``"gelu"``, ...) runs ``"cpu"`` instead.
 
     Examples::
 
         >>> import torch
         >>> from normkit.functional._dispatch import backend_for
-        >>> backend_for(torch.zeros(2, 3), "cpu"), backend_for(torch.zeros(2, 3, dtype=torch.float64), "reference")
+        >>> backend_for(torch.zeros(2, 3)), backend_for(torch.zeros(2, 3, dtype=torch.float64), "reference")
         ('cpu', 'reference')
     """
     name = requested or requested_by_environment()
-    if name is None and not x.is_cuda:
-        return "cpu"
-    refused = refusal if refusal is not None else (lambda: kernels.supports(x))
     if name is None:
-        return "triton" if refused() is None else "cpu"
+        return "cpu"
     if name not in BACKENDS:
         raise ValueError(
             f"unknown normkit backend {name!r}; expected one of {', '.join(map(repr, BACKENDS))} "
@@ -84,8 +83,9 @@ def backend_for(x: torch.Tensor, requested: str | None = None, *,
                 "use backend='cpu' (runs on any device) or unset NORMKIT_BACKEND; to run the kernels on CPU "
                 "through Triton's (slow) interpreter, set TRITON_INTERPRET=1 before triton is imported."
             )
+        refused = refusal if refusal is not None else (lambda: kernels.supports(x))
         if refused() is not None:
-            return fallback
+            return "cpu"
     return name
 
 

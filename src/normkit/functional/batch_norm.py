@@ -1,4 +1,5 @@
-"""``normkit.functional.batch_norm``: validation, dispatch, the running-statistics update, an explicit backward."""
+"""``normkit.functional.batch_norm``: one front (validation, torch's memory format, the dtype and non-finite policies,
+the running-statistics update), then a backend that only computes."""
 
 from __future__ import annotations
 
@@ -49,10 +50,11 @@ def batch_norm(
         nonfinite: when a channel's batch statistics are inf/NaN, ``"skip"`` (default) keeps that channel's
             running statistics unchanged, ``"propagate"`` lets them through as torch does, ``"raise"`` raises
             ``FloatingPointError`` before anything changes (this one synchronises with the device).
-        backend: ``"cpu"`` (the fastest measured path on any device), ``"reference"`` (the readable oracle) or
-            ``"triton"`` (normkit's GPU kernels); ``$NORMKIT_BACKEND`` overrides the default, which is
-            ``"triton"`` for CUDA tensors the kernels take and ``"cpu"`` otherwise. A forced ``"triton"`` falls
-            back to ``"reference"`` for what the kernels do not take (float64, ...; see ``docs/kernels.md``).
+        backend: ``"cpu"`` (the default on every device: torch's ATen ops behind this front), ``"reference"``
+            (the readable oracle) or ``"triton"`` (normkit's GPU kernels, on request until a GPU run has measured
+            them; what they do not take, float64, ..., runs ``"cpu"``: see ``docs/kernels.md``).
+            ``$NORMKIT_BACKEND`` sets it for every call that does not pass one. Whichever runs, validation, the
+            output's memory format (torch's), the dtype policy and the running-statistics update are the same.
 
     Shape:
         - Input: :math:`(N, C, *)` (or channels at ``channel_dim``). Output: same shape, dtype and memory format.

@@ -43,10 +43,10 @@ def group_norm(
             Default: ``None``.
         eps: added to the variance inside the square root. Default: ``1e-5``.
         activation: ``None``, ``"silu"`` or ``"relu"``, applied after the affine. Default: ``None``.
-        backend: ``"triton"`` (default for CUDA tensors the kernels take: ``normkit.kernels.group_norm``),
-            ``"cpu"`` (default otherwise: torch's own op) or ``"reference"`` (the readable composition). Calls
-            the kernels do not take (float64, ...) run ``"cpu"`` even when ``"triton"`` is
-            forced. Default: ``None`` (``$NORMKIT_BACKEND``, else the default).
+        backend: ``"cpu"`` (the default on every device: torch's own op behind normkit's front), ``"triton"``
+            (normkit's GPU kernel, ``normkit.kernels.group_norm``, on request until a GPU run has measured it; calls it
+            does not take, e.g. float64, run ``"cpu"``) or ``"reference"`` (the readable composition). Default:
+            ``None`` (``$NORMKIT_BACKEND``, else ``"cpu"``).
 
     Shape:
         - Input: :math:`(N, C, *)`. Output: same shape, dtype and memory format.

@@ -33,10 +33,10 @@ def layer_norm(
         normalized_shape: the trailing shape to normalize over (an int means one dimension).
         weight, bias: elementwise affine parameters of shape ``normalized_shape``, or ``None``. Default: ``None``.
         eps: added to the variance inside the square root. Default: ``1e-5``.
-        backend: ``"triton"`` (default for CUDA tensors the kernels take: ``normkit.kernels.layer_norm``),
-            ``"cpu"`` (default otherwise: torch's own op) or ``"reference"`` (the readable composition). Calls
-            the kernels do not take (float64, ...) run ``"cpu"`` even when ``"triton"`` is
-            forced. Default: ``None`` (``$NORMKIT_BACKEND``, else the default).
+        backend: ``"cpu"`` (the default on every device: torch's own op behind normkit's front), ``"triton"``
+            (normkit's GPU kernel, ``normkit.kernels.layer_norm``, on request until a GPU run has measured it; calls it
+            does not take, e.g. float64, run ``"cpu"``) or ``"reference"`` (the readable composition). Default:
+            ``None`` (``$NORMKIT_BACKEND``, else ``"cpu"``).
 
     Shape:
         - Input: :math:`(*, \text{normalized\_shape})`. Output: same shape and dtype, contiguous (as torch's).
