@@ -2,6 +2,7 @@
 
     python benchmarks/bench_batchnorm.py            # end to end, markdown rows for BENCHMARKS.md
     python benchmarks/bench_batchnorm.py --passes   # composition vs ATen statistics per plan row (CPU_PLAN)
+    python benchmarks/bench_batchnorm.py --guard    # the default non-finite guard's cost (skip vs propagate)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import normkit
 import normkit.functional as F
 from normkit.functional import _dispatch
 
-from runner import machine, paired, today
+from runner import interleaved, machine, paired, today
 
 SHAPES = [
     ((32, 64, 56, 56), "nchw"),
@@ -115,6 +116,30 @@ def pass_candidates(rounds, repeat=1):
                   f"{r.baseline_ms:.2f} | {r.speedup:.2f}x | {_dispatch.CPU_PLAN[kind]} | {machine()} | {today()} |")
 
 
+def guard_cost(rounds):
+    """What the default non-finite guard costs: torch's module, normkit's with ``nonfinite="skip"`` (the default) and
+    with ``"propagate"`` (torch's semantics, no guard), training forward under no_grad, interleaved in one run."""
+    print("\n| shape | layout | skip / torch | propagate / torch | machine | date | command |")
+    print("|---|---|---|---|---|---|---|")
+    for shape, layout in SHAPES:
+        x = make_input(shape, layout)
+        skip, theirs = module_pair(shape[1], len(shape))
+        propagate, _ = module_pair(shape[1], len(shape))
+        propagate.nonfinite = "propagate"
+
+        def forward(module):
+            def run():
+                with torch.no_grad():
+                    return module(x)
+            return run
+
+        timing = interleaved({"torch": forward(theirs), "skip": forward(skip), "propagate": forward(propagate)},
+                             rounds=rounds, sample_ms=20.0)
+        print(f"| {'x'.join(map(str, shape))} | {layout} | {timing.ratio('skip', 'torch'):.3f}x | "
+              f"{timing.ratio('propagate', 'torch'):.3f}x | {machine()} | {today()} | `{COMMAND} --guard` |",
+              flush=True)
+
+
 def compiled_candidate(rounds):
     """Would a compiled CPU kernel be worth it? torch.compile's (Inductor C++) training forward against normkit's."""
     import torch.nn.functional as F
@@ -150,10 +175,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--passes", action="store_true", help="compare each pass's candidate implementations")
     parser.add_argument("--compiled", action="store_true", help="compare against torch.compile's CPU kernel")
+    parser.add_argument("--guard", action="store_true", help="the cost of the default non-finite guard")
     parser.add_argument("--rounds", type=int, default=21, help="timed rounds per measurement (median reported)")
     parser.add_argument("--repeat", type=int, default=3, help="times the whole end-to-end suite runs")
     args = parser.parse_args(argv)
-    if args.compiled:
+    if args.guard:
+        guard_cost(args.rounds)
+    elif args.compiled:
         compiled_candidate(args.rounds)
     elif args.passes:
         pass_candidates(args.rounds, args.repeat)
