@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _checks, _stats, reference
+from . import _checks, _layout, _stats, reference
 from .batch_norm import batch_norm
 
 GROUPINGS = ("contiguous", "strided")
@@ -187,12 +187,8 @@ def _strided(input, running_mean, running_var, weight, bias, momentum, eps, ghos
 
 
 def _keep_format(output: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
-    """``output`` in the memory format of ``input`` (channels_last stays channels_last)."""
-    for fmt in (torch.channels_last, torch.channels_last_3d):
-        if input.dim() == (4 if fmt == torch.channels_last else 5) and input.is_contiguous(memory_format=fmt) \
-                and not input.is_contiguous():
-            return output.contiguous(memory_format=fmt)
-    return output
+    """``output`` in torch's batch-norm output format for ``input`` (channels_last stays channels_last)."""
+    return output.contiguous(memory_format=_layout.suggest_memory_format(input))
 
 
 __all__ = ["GROUPINGS", "ghost_batch_norm", "ghost_batch_sizes", "require_virtual_batch_size"]
