@@ -200,6 +200,15 @@ def _fit(input: torch.Tensor, channels: int, running_mean, running_var, weight, 
     """The common case in one pass of cheap attribute reads (this runs every call): every given tensor holds one
     value per channel, on the input's device, all in one dtype that is the input's (or float32 under a
     float16/bfloat16 input); the running statistics are 1D and need no gradient."""
+    if type(weight) is _PARAMETER and type(bias) is _PARAMETER and type(running_mean) is _TENSOR and type(
+            running_var) is _TENSOR:  # a module's call, unrolled: the common case costs one read per property
+        dtype = weight.dtype
+        if (weight.numel() == bias.numel() == running_mean.numel() == running_var.numel() == channels
+                and bias.dtype == running_mean.dtype == running_var.dtype == dtype
+                and (input.is_cpu and weight.is_cpu and bias.is_cpu and running_mean.is_cpu and running_var.is_cpu)
+                and running_mean.dim() == running_var.dim() == 1
+                and not (running_mean.requires_grad or running_var.requires_grad)):
+            return dtype == input.dtype or (dtype == torch.float32 and input.dtype in LOW_PRECISION)
     on_cpu = input.is_cpu
     dtype = None
     for t in (running_mean, running_var, weight, bias):

@@ -39,13 +39,13 @@ _ENV_KEY = "NORMKIT_BACKEND"
 def requested_by_environment() -> str | None:
     """``$NORMKIT_BACKEND`` (read on every call, so it can change at run time), via the environment's own dict where
     the platform has one: ``os.environ.get`` decodes keys and costs a microsecond per call."""
-    data = getattr(os.environ, "_data", None)
-    if data is None:
+    if _ENV_DATA is None:
         return os.environ.get(_ENV_KEY)
-    value = data.get(_ENV_KEY_ENCODED)
+    value = _ENV_DATA.get(_ENV_KEY_ENCODED)
     return None if value is None else os.environ.decodevalue(value)
 
 
+_ENV_DATA = getattr(os.environ, "_data", None)  # the same dict object for the life of the process
 _ENV_KEY_ENCODED = os.environ.encodekey(_ENV_KEY) if hasattr(os.environ, "encodekey") else _ENV_KEY
 
 
@@ -101,15 +101,20 @@ def eager_cpu(x: torch.Tensor) -> bool:
     """Whether this call runs eagerly on a plain CPU tensor: no compiler, exporter or tracer, no ``torch.func``
     transform, no forward-mode AD. Only then may a backend use a custom autograd function or read a value on the
     host (free on CPU); everything else takes ATen's ops, which every transform understands."""
-    return (x.is_cpu and type(x) is torch.Tensor and not torch.compiler.is_compiling()
-            and torch._C._get_tracing_state() is None and _forward_ad._current_level < 0
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+    return (type(x) is torch.Tensor and x.is_cpu and _forward_ad._current_level < 0 and not _is_compiling()
+            and _tracing_state() is None and not _functorch_wrapped(x))
+
+
+_is_compiling, _tracing_state = torch.compiler.is_compiling, torch._C._get_tracing_state
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def composes_training(x: torch.Tensor, nonfinite: str = "skip") -> bool:
     """Whether the "cpu" backend computes this training call's statistics with normkit's composition. Not under
     ``nonfinite="propagate"``, which promises torch's running statistics even from inf/NaN batches (the
     composition's shifted sums can turn an inf into a NaN)."""
+    if CPU_PLAN["planes"] != "compose" and CPU_PLAN["short_planes"] != "compose":  # the default: nothing to decide
+        return False
     return (x.dtype == torch.float32 and nonfinite != "propagate" and CPU_PLAN[plan_kind(x)] == "compose"
             and eager_cpu(x))
 
