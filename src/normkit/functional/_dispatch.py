@@ -23,8 +23,8 @@ BACKENDS = ("reference", "cpu", "triton")
 # Where normkit's composition (_compose: a corrected two-pass statistics pass over contiguous planes, then ATen's
 # per-channel multiply-add) may replace ATen's training forward on the "cpu" backend; its backward is always ATen's.
 # Measured side by side with `python benchmarks/bench_batchnorm.py --passes` on the 2-core CI machine (BENCHMARKS.md):
-# it was 1.55x ATen's pass on 56x56 planes on 2026-11-27, but on 2026-12-03 it tied ATen there (0.65-1.13x over
-# seven runs, median 0.96x forward, 1.02x forward+backward) and lost on every smaller plane (0.67-0.94x). So ATen
+# it was 1.55x ATen's pass on 56x56 planes on 2026-11-27, but on 2026-12-03 it at best tied ATen there (four runs:
+# 0.65-1.00x forward, 0.80-1.04x forward+backward) and lost on every smaller plane (0.66-0.94x). So ATen
 # runs every row by default; set CPU_PLAN["planes"] = "compose" to take the composition on planes of at least
 # SHORT_PLANE values (it is tested on every run, through that switch). Everything else (evaluation, backward,
 # channels_last "rows", float16/bfloat16/float64) is ATen's, and so is every call under torch.compile, export,

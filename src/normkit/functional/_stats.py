@@ -68,12 +68,18 @@ def update_running_stats(
     if nonfinite == "raise":
         require_finite_statistics(mean, var)
     stored_var = unbiased(var, count) if running_var_mode == "unbiased" else var
-    acc = accumulation_dtype(running_mean.dtype)  # float16 buffers move in float32 and are rounded once
+    keep = ~(torch.isfinite(mean) & torch.isfinite(var)) if nonfinite == "skip" else None
+    move_running(running_mean, running_var, torch.stack((mean, stored_var)), momentum, keep)
+
+
+def move_running(running_mean: torch.Tensor, running_var: torch.Tensor, batch: torch.Tensor, momentum,
+                 keep: torch.Tensor | None = None) -> None:
+    """``running = ema(running, batch, momentum)`` for the stacked ``(2, C)`` batch ``(mean, stored variance)``, in
+    at least float32 (float16 buffers are rounded once), except the channels where ``keep`` is true."""
+    acc = accumulation_dtype(running_mean.dtype)
     old = torch.stack((running_mean, running_var)).to(acc)
-    new = old * (1.0 - momentum) + torch.stack((mean, stored_var)).detach().to(acc) * momentum
-    if nonfinite == "skip":
-        new = torch.where(torch.isfinite(mean) & torch.isfinite(var), new, old)
-    write_running(running_mean, running_var, new)
+    new = ema(old, batch.detach().to(acc), momentum)
+    write_running(running_mean, running_var, new if keep is None else torch.where(keep, old, new))
 
 
 def write_running(running_mean: torch.Tensor, running_var: torch.Tensor, values: torch.Tensor) -> None:
@@ -125,10 +131,11 @@ __all__ = [
     "cumulative_factor",
     "ema",
     "merge_moments",
+    "move_running",
     "require_finite_channels",
     "require_finite_statistics",
-    "unbiased",
     "restore_nonfinite_channels",
+    "unbiased",
     "update_running_stats",
     "write_running",
 ]

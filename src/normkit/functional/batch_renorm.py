@@ -87,8 +87,6 @@ def batch_renorm(
         return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                           running_var_mode=running_var_mode, channel_dim=channel_dim, nonfinite=nonfinite)
     y, mean, var = train_with_statistics(input, channel, weight, bias, eps)
-    if nonfinite == "raise":
-        _stats.require_finite_statistics(mean, var)
     with torch.no_grad():  # r and d: constants of this step, from the running statistics before the update
         sigma = torch.sqrt(snapshot(running_var, mean.dtype) + eps)
         r = (torch.sqrt(var + eps) / sigma).clamp(1.0 / rmax, rmax)

@@ -111,5 +111,4 @@ def _update_running_stats(x, running_mean, running_var, momentum) -> None:
     n, c = x.shape[0], x.shape[1]
     mean, var = reference.batch_moments(x.detach().reshape(1, n * c, -1), 1)
     batch = torch.stack((mean.view(n, c).mean(0), _stats.unbiased(var, x[0, 0].numel()).view(n, c).mean(0)))
-    old = torch.stack((running_mean, running_var))
-    _stats.write_running(running_mean, running_var, old * (1.0 - momentum) + batch.to(old.dtype) * momentum)
+    _stats.move_running(running_mean, running_var, batch, momentum)

@@ -226,8 +226,6 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
         if self._tracks_this_call():
             with torch.no_grad():
                 cur_var = ((xf.detach() - cur_mu.detach().view(shape)) ** 2).mean(dims)
-                if self.nonfinite == "raise":
-                    _stats.require_finite_statistics(cur_mu.detach(), cur_var)
                 count_values = input.numel() // input.shape[1]
                 _stats.update_running_stats(self.running_mean, self.running_var, cur_mu.detach(), cur_var,
                                             count_values, float(self._ema_factor()), self.running_var_mode,
