@@ -76,3 +76,18 @@ def test_adapt_bad_input_changes_nothing(trained):
         adapt(model, [])
     for name, value in snapshot(model).items():
         assert torch.equal(value, before[name]), name
+
+
+def test_adapt_messages_quote_numeric_layer_names(trained):
+    _, source_model = trained
+    model = copy.deepcopy(source_model)
+    before = snapshot(model)
+    target = torch.randn(32, 64)
+    target[3, 5] = float("nan")  # one corrupt target sample
+    with pytest.raises(ValueError) as caught:
+        adapt(model, target.split(16))
+    message = str(caught.value)
+    assert message.startswith("recalibrate: the statistics of layer '1' (BatchNorm1d) over the data are not finite")
+    assert " of 1 over " not in message
+    for name, value in snapshot(model).items():
+        assert torch.equal(value, before[name]), name

@@ -14,8 +14,10 @@ from torch.func import functional_call, grad, jvp, vmap
 
 import normkit
 
-# torch itself calls deprecated TorchScript entry points inside inductor and torch.func on torch >= 2.10
+# torch itself calls deprecated TorchScript entry points inside inductor and torch.func on torch >= 2.10 (forward AD
+# loads its jvp decompositions with torch.jit.script); torch 2.15 raises that warning as a FutureWarning
 pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script.*is deprecated:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:`torch.jit.script.*is deprecated:FutureWarning"),
               pytest.mark.usefixtures("composition_from_128_values")]
 
 

@@ -126,3 +126,100 @@ def test_bad_arguments_name_the_fix(tmp_path):
         Monitor(small_cnn()).plot(tmp_path / "empty.png")
     with pytest.raises(ValueError, match="expected a field in"):
         Monitor(small_cnn()).series("1", "nope")
+
+
+# ----------------------------------------------------------------------------------------- train and eval calls
+
+
+def train_with_validation(model, steps=6, validate_at=(2, 4)):
+    """Training forwards, with an eval-mode (validation) forward of shifted data as its own step at ``validate_at``."""
+    generator = torch.Generator().manual_seed(0)
+    with Monitor(model) as monitor:
+        for step in range(steps):
+            x = torch.randn(16, 1, 6, 6, generator=generator)
+            if step in validate_at:
+                model.eval()
+                with torch.no_grad():
+                    model(x * 4.0 + 2.0)  # far from the running statistics: a spike if joined into the line
+                model.train()
+            else:
+                model(x)
+    return monitor
+
+
+def test_eval_calls_are_recorded_as_eval_and_kept_out_of_the_training_series():
+    monitor = train_with_validation(small_cnn())
+    modes = {(r["step"], r["layer"]): r["training"] for r in monitor.records}
+    assert modes == {(s, n): s not in (2, 4) for s in range(6) for n in ("1", "4")}
+    train_steps, train_distance = monitor.series("1", "distance", mode="train")
+    eval_steps, eval_distance = monitor.series("1", "distance", mode="eval")
+    assert train_steps == [0, 1, 3, 5] and eval_steps == [2, 4]
+    assert min(eval_distance) > 5 * max(train_distance[1:])  # the shifted validation batches stand out
+    all_steps, all_distance = monitor.series("1", "distance")  # the default keeps every call, as before
+    assert all_steps == list(range(6))
+    assert [all_distance[s] for s in eval_steps] == eval_distance
+    assert monitor.series("1", "training", mode="eval") == ([2, 4], [False, False])
+    with pytest.raises(ValueError, match=r"expected mode to be one of \('all', 'train', 'eval'\), got 'val'"):
+        monitor.series("1", "distance", mode="val")
+
+
+def test_a_train_and_an_eval_call_in_one_manual_step_are_told_apart():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    with Monitor(model, auto_step=False) as monitor:
+        model(torch.randn(8, 3))
+        model.eval()
+        model(torch.randn(8, 3))
+        monitor.step()
+    assert [(r["call"], r["training"]) for r in monitor.records] == [(0, True), (1, False)]
+    assert monitor.series("1", "batch_size", call=1, mode="eval") == ([0], [8])
+    assert monitor.series("1", "batch_size", call=1, mode="train") == ([], [])
+
+
+def _eval_markers(ax):
+    return [line for line in ax.get_lines() if line.get_marker() == "x" and line.get_linestyle() == "None"
+            and len(line.get_xdata())]
+
+
+def test_the_figure_draws_eval_calls_as_separate_markers_with_a_legend_entry():
+    monitor = train_with_validation(small_cnn())
+    figure = monitor.figure(focus="1")
+    distance, mean, var, dead = figure.axes
+    for ax in (distance, mean, var):
+        solid = [line for line in ax.get_lines() if line.get_linestyle() == "-"]
+        assert solid and all(list(line.get_xdata()) == [0, 1, 3, 5] for line in solid)  # no eval step joined
+        markers = _eval_markers(ax)
+        assert markers and all(list(line.get_xdata()) == [2, 4] for line in markers)
+    assert len(_eval_markers(distance)) == 2  # one per layer, in the layer's colour
+    colours = {line.get_label(): line.get_color() for line in distance.get_lines()}
+    assert {line.get_color() for line in _eval_markers(distance)} == {colours["1"], colours["4"]}
+    assert any("eval-mode call" in text.get_text() for text in distance.get_legend().get_texts())
+    assert any("eval-mode call" in text.get_text() for text in mean.get_legend().get_texts())
+    assert "eval-mode calls" in figure._suptitle.get_text()
+    steps, eval_distance = monitor.series("1", "distance", mode="eval")
+    marker = next(line for line in _eval_markers(distance) if line.get_color() == colours["1"])
+    assert list(marker.get_ydata()) == pytest.approx(eval_distance)
+
+
+def test_training_only_figure_has_no_eval_entry():
+    monitor = train(small_cnn(), steps=4)
+    distance = monitor.figure().axes[0]
+    assert not _eval_markers(distance)
+    assert not any("eval" in text.get_text() for text in distance.get_legend().get_texts())
+
+
+@pytest.mark.parametrize("steps", [2, 3, 4, 5])
+def test_the_step_axes_have_integer_ticks(steps):
+    figure = train(small_cnn(), steps=steps).figure()  # matplotlib's default puts ticks at 0.5 for these ranges
+    for ax in figure.axes:
+        ticks = ax.get_xticks()
+        assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), (ax.get_title(), ticks)
+
+
+def test_matplotlib_is_imported_only_by_plotting():
+    import subprocess
+
+    code = ("import sys, torch, normkit; from normkit.diagnostics import Monitor; "
+            "m = torch.nn.Sequential(torch.nn.BatchNorm1d(2)); mon = Monitor(m).attach(); m(torch.randn(4, 2)); "
+            "mon.series('0', 'distance', mode='train'); print('matplotlib' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "False"

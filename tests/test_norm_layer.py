@@ -100,3 +100,132 @@ def test_close_misspellings_get_a_suggestion():
 def test_bad_arguments(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         norm_layer(*args, **kwargs)
+
+
+# --- norm_factory: the ``norm_layer=`` argument of torchvision and timm builders ---------------------------------
+
+class _BasicBlock(torch.nn.Module):
+    """torchvision.models.resnet.BasicBlock's signature and calls: ``norm_layer(planes)``."""
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, norm_layer=None):
+        super().__init__()
+        norm_layer = torch.nn.BatchNorm2d if norm_layer is None else norm_layer
+        self.conv1 = torch.nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = norm_layer(planes)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.conv2 = torch.nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+def _resnet(norm_layer=None, width=32):
+    """torchvision's ResNet builder pattern: the stem, a downsample with ``norm_layer(planes)``, two blocks."""
+    norm_layer = torch.nn.BatchNorm2d if norm_layer is None else norm_layer
+    downsample = torch.nn.Sequential(torch.nn.Conv2d(width, 2 * width, 1, 2, bias=False), norm_layer(2 * width))
+    return torch.nn.Sequential(torch.nn.Conv2d(3, width, 3, 1, 1, bias=False), norm_layer(width),
+                               torch.nn.ReLU(inplace=True), _BasicBlock(width, width, norm_layer=norm_layer),
+                               _BasicBlock(width, 2 * width, 2, downsample, norm_layer=norm_layer))
+
+
+def _timm_get_norm_act_layer(norm_layer, act_layer=None):
+    """timm.layers.get_norm_act_layer's handling of what it is given (no timm import): only classes, strings,
+    functions and partials; a partial's keywords are rebound on its function, its positional args are lost; a
+    function is taken as a norm-act factory and called as it is."""
+    import functools
+    import types
+
+    if not isinstance(norm_layer, (type, str, types.FunctionType, functools.partial)):
+        raise AssertionError("timm asserts isinstance(norm_layer, (type, str, FunctionType, partial))")
+    keywords = {}
+    if isinstance(norm_layer, functools.partial):
+        keywords, norm_layer = dict(norm_layer.keywords), norm_layer.func
+    return functools.partial(norm_layer, **keywords) if keywords else norm_layer
+
+
+class _ConvNormAct(torch.nn.Module):
+    """timm.layers.ConvNormAct's calls: ``norm_act_layer(C, apply_act=..., act_kwargs=..., device=, dtype=)``."""
+
+    def __init__(self, in_chs, out_chs, norm_layer, act_layer=torch.nn.ReLU, apply_act=True):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_chs, out_chs, 3, padding=1, bias=False)
+        norm_act_layer = _timm_get_norm_act_layer(norm_layer, act_layer)
+        self.bn = norm_act_layer(out_chs, apply_act=apply_act, act_kwargs={}, device=None, dtype=None)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize(("spec", "layer"), [("gn32", "GroupNorm"), ("gn/16", "GroupNorm"),
+                                             ("frozen", "FrozenBatchNorm2d"), ("bn-biased", "BatchNorm2d"),
+                                             ("none", "Identity")])
+def test_norm_factory_builds_a_torchvision_resnet(spec, layer):
+    model = _resnet(norm_layer=normkit.nn.norm_factory(spec))
+    norms = [model[1], model[3].bn1, model[3].bn2, model[4].bn1, model[4].bn2, model[4].downsample[1]]
+    assert all(type(m).__name__ == layer for m in norms)
+    widths = [getattr(m, "num_channels", getattr(m, "num_features", None)) for m in norms]
+    assert widths == ([None] * 6 if spec == "none" else [32, 32, 32, 64, 64, 64])
+    out = model(torch.randn(2, 3, 8, 8))
+    assert out.shape == (2, 64, 4, 4)
+    if spec == "gn/16":
+        assert model[4].bn1.num_groups == 4
+
+
+def test_norm_factory_matches_norm_layer_and_takes_timm_keywords():
+    factory = normkit.nn.norm_factory("bn-biased", dim=1, eps=1e-3)
+    built = factory(8, momentum=0.01, dtype=torch.float64)  # timm passes device=/dtype= to every norm_layer call
+    reference = norm_layer("bn-biased", 8, dim=1, eps=1e-3, momentum=0.01, dtype=torch.float64)
+    assert repr(built) == repr(reference) and built.weight.dtype == torch.float64
+    assert factory.__name__ == "norm_factory('bn-biased')"
+    with pytest.raises(ValueError, match=r"got C=24"):  # the norm_layer error, with the channel count
+        normkit.nn.norm_factory("gn32")(24)
+
+
+def test_norm_factory_survives_timm_get_norm_act_layer_where_a_partial_does_not():
+    import functools
+
+    layer = _timm_get_norm_act_layer(normkit.nn.norm_factory("gn32"))(64, apply_act=False)
+    assert type(layer) is normkit.nn.GroupNorm and layer.num_groups == 32
+    partial = _timm_get_norm_act_layer(functools.partial(norm_layer, "gn32"))  # timm drops the spec
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 'num_features'"):
+        partial(64)
+
+
+def test_norm_factory_timm_norm_act_convention():
+    x = torch.randn(2, 3, 5, 5)
+    fused = _ConvNormAct(3, 32, normkit.nn.norm_factory("bn", act_layer=torch.nn.ReLU))
+    assert type(fused.bn) is normkit.nn.BatchNormAct2d and fused.bn.act == "relu"
+    assert set(fused.bn.state_dict()) == set(torch.nn.BatchNorm2d(32).state_dict())  # timm's BatchNormAct2d keys
+    assert bool((fused(x) >= 0).all())
+
+    grouped = _ConvNormAct(3, 32, normkit.nn.norm_factory("gn8", act_layer=torch.nn.SiLU))
+    assert type(grouped.bn) is normkit.nn.NormAct and grouped.bn.norm.num_groups == 8
+    assert isinstance(grouped.bn.act, torch.nn.SiLU)
+    expected = torch.nn.functional.silu(grouped.bn.norm(grouped.conv(x)))
+    assert_close(grouped(x), expected)
+
+    plain = _ConvNormAct(3, 32, normkit.nn.norm_factory("gn8", act_layer=torch.nn.SiLU), apply_act=False)
+    assert type(plain.bn) is normkit.nn.GroupNorm
+
+    # create_norm_act_layer style: act_layer, inplace and a drop layer at the call
+    layer = normkit.nn.norm_factory("in")(16, act_layer=torch.nn.ReLU, inplace=True, drop_layer=torch.nn.Identity)
+    assert isinstance(layer.act, torch.nn.ReLU) and layer.act.inplace and isinstance(layer.drop, torch.nn.Identity)
+    gelu = normkit.nn.norm_factory("gn/4", act_layer=torch.nn.GELU)(8, inplace=True, act_kwargs={"approximate": "tanh"})
+    assert gelu.act.approximate == "tanh"
+
+
+def test_norm_factory_bad_arguments():
+    with pytest.raises(ValueError, match="norm_factory: unknown spec 'GN32'.*Did you mean 'gn32'"):
+        normkit.nn.norm_factory("GN32")
+    with pytest.raises(ValueError, match="dim must be 1, 2 or 3"):
+        normkit.nn.norm_factory("bn", dim=0)
+    with pytest.raises(ValueError, match="act_layer to be None, a module class"):
+        normkit.nn.norm_factory("bn", act_layer="swish")
+    with pytest.raises(ValueError, match="num_features must be a positive int"):
+        normkit.nn.norm_factory("bn", act_layer="relu")(0)

@@ -113,9 +113,41 @@ def test_unused_batch_norm_keeps_its_statistics_and_warns():
         model.unused.running_mean.fill_(0.7)
         model.unused.running_var.fill_(2.0)
     before = snapshot(model.unused)
-    with pytest.warns(UserWarning, match="no batch reached unused"):
+    with pytest.warns(UserWarning, match=r"^recalibrate: no batch reached batch-norm layer 'unused' \(the forward did "
+                                         r"not call it\); its running statistics were kept\.$"):
         recalibrate(model, [torch.randn(8, 2)])
     assert_unchanged(model.unused, before)
+
+
+class FirstOnly(nn.Sequential):
+    """A Sequential whose forward runs its first child only: the others are named '1', '2', ... and never called."""
+
+    def forward(self, x):
+        return self[0](x)
+
+
+def test_messages_quote_numeric_layer_names_of_a_sequential():
+    model = FirstOnly(nn.BatchNorm1d(2), nn.BatchNorm1d(2), nn.BatchNorm1d(2))
+    with pytest.warns(UserWarning) as caught:
+        recalibrate(model, [torch.randn(8, 2)])
+    assert [str(w.message) for w in caught] == [
+        "recalibrate: no batch reached batch-norm layers '1' and '2' (the forward did not call them); their running "
+        "statistics were kept."]
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    before = snapshot(model)
+    with pytest.raises(ValueError) as caught:
+        recalibrate(model, [torch.full((8, 2), float("inf"))])
+    assert str(caught.value) == (
+        "recalibrate: the statistics of layer '1' (BatchNorm1d) over the data are not finite (inf/NaN inputs, or "
+        "batches of one value per channel with the unbiased variance); check the data, or use larger batches. "
+        "Nothing was changed.")
+    assert_unchanged(model, before)
+
+
+def test_a_batch_norm_model_is_named_as_the_model_itself():
+    with pytest.raises(ValueError, match=r"the statistics of the model itself \(a BatchNorm2d\) over the data are "
+                                         r"not finite"):
+        recalibrate(nn.BatchNorm2d(3), [torch.full((4, 3, 2, 2), float("nan"))])
 
 
 def test_untracked_batch_norm_is_skipped_and_reused_layer_pools_every_call():

@@ -19,6 +19,8 @@ FIELDS: tuple[str, ...] = (
 )
 _SCHEMA = "normkit.monitor/1"
 _STATS = FIELDS[5:]  # computed on the device, moved to the host in one transfer per step
+_MODES = {"all": None, "train": True, "eval": False}  # Monitor.series(mode=...): the value of "training" it keeps
+_EVAL_MARKER = {"linestyle": "none", "marker": "x", "markersize": 6, "markeredgewidth": 1.5}
 
 
 class Monitor:
@@ -41,9 +43,11 @@ class Monitor:
     - ``gamma_mean``/``gamma_std``/``beta_mean``/``beta_std`` (NaN without affine parameters).
 
     Steps: by default every forward of ``model`` (the root) is one step (``auto_step=True``), counted from 0,
-    training and eval forwards alike (the ``training`` column tells them apart). With ``auto_step=False`` call
-    :meth:`step` after each iteration instead. A step ``s`` is recorded when ``s % every == 0``; the other steps
-    cost one Python hook call per BN and nothing else.
+    training and eval forwards alike. Each record's ``training`` field says whether the BN was in training mode
+    (``True``) or eval mode (``False``, e.g. a validation forward) for that call; ``series(..., mode="train")``
+    keeps the training calls only, and :meth:`plot` draws eval calls as separate markers, never joined into the
+    training lines. With ``auto_step=False`` call :meth:`step` after each iteration instead. A step ``s`` is
+    recorded when ``s % every == 0``; the other steps cost one Python hook call per BN and nothing else.
 
     Overhead: a recorded step reads each BN's input once more (one reduction pass) and syncs the host once;
     ``benchmarks/bench_monitor.py`` measures it (``docs/diagnostics.md`` has the numbers).
@@ -178,20 +182,52 @@ class Monitor:
 
     # -- output ----------------------------------------------------------------------------------------------
 
-    def series(self, layer: str, field: str, *, call: int = 0) -> tuple[list[int], list[float]]:
-        """The steps and values of one recorded field of one layer (first call per step by default).
+    def series(self, layer: str, field: str, *, call: int = 0, mode: str = "all") -> tuple[list[int], list[float]]:
+        """The steps and values of one recorded field of one layer, in step order (first call per step by default).
 
         Args:
             layer: the BN's qualified name (see :attr:`layers`).
             field: a column of :data:`FIELDS`, e.g. ``"distance"``.
-            call: which call within a step, for a BN called several times per forward (default 0).
+            call: which call within a step, for a BN called several times per forward (default 0). Calls are
+                counted over both modes: with ``auto_step=False`` and a training and an eval forward in one step,
+                the training call is 0 and the eval call 1.
+            mode: ``"all"`` (default, every recorded call, as before), ``"train"`` (the calls made while the BN
+                was in training mode: the training curve) or ``"eval"`` (those made in eval mode, e.g. validation
+                forwards, which with ``auto_step=True`` are steps of their own). The ``training`` field of
+                :attr:`records` tells the modes apart in the same way; :meth:`plot` draws the training calls as
+                lines and the eval calls as separate ``x`` markers.
 
         Returns:
-            ``(steps, values)``.
+            ``(steps, values)``: two lists of the same length, one entry per matching record, in the order recorded
+            (increasing step); ``steps[i]`` is an ``int``, ``values[i]`` the record's ``field`` (a ``float``, NaN
+            where undefined, e.g. ``gamma_mean`` without affine parameters; ``bool`` for ``"training"``, ``str``
+            for ``"layer"``). Empty lists when nothing matches (an unknown layer, a mode never seen).
+
+        Raises:
+            ValueError: for a ``field`` outside :data:`FIELDS` or a ``mode`` other than ``"all"``, ``"train"``,
+                ``"eval"``.
+
+        Examples::
+
+            >>> import torch
+            >>> from normkit.diagnostics import Monitor
+            >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+            >>> with Monitor(model) as mon:
+            ...     for step in range(4):
+            ...         _ = model.train(step != 2)(torch.randn(16, 4))  # step 2: an eval-mode (validation) forward
+            >>> steps, values = mon.series("1", "running_var")
+            >>> steps, [type(v).__name__ for v in values]
+            ([0, 1, 2, 3], ['float', 'float', 'float', 'float'])
+            >>> mon.series("1", "batch_size", mode="train")[0], mon.series("1", "batch_size", mode="eval")
+            ([0, 1, 3], ([2], [16]))
         """
         if field not in FIELDS:
             raise ValueError(f"Monitor.series: expected a field in {FIELDS}, got {field!r}")
-        rows = [r for r in self.records if r["layer"] == layer and r["call"] == call]
+        if mode not in _MODES:
+            raise ValueError(f"Monitor.series: expected mode to be one of {tuple(_MODES)}, got {mode!r}")
+        wanted = _MODES[mode]
+        rows = [r for r in self.records if r["layer"] == layer and r["call"] == call
+                and (wanted is None or r["training"] is wanted)]
         return [r["step"] for r in rows], [r[field] for r in rows]
 
     def to_csv(self, path) -> Path:
@@ -237,30 +273,64 @@ class Monitor:
     def plot(self, path, *, layers: list[str] | None = None, focus: str | None = None, dpi: int = 90) -> Path:
         """Draw the records as a PNG of four panels (matplotlib, Agg backend); returns the path.
 
-        Panels: the batch-vs-running distance of every layer over the steps (log scale); batch mean against
-        running mean, and batch variance against running variance, of one "focus" layer (the running statistics'
-        lag shows as a shaded gap between the lines); the near-dead channel fraction per layer.
+        The figure of :meth:`figure`, written to ``path`` (its folder is created).
 
         Args:
             path: where to write the PNG.
-            layers: which BNs to draw (default: all that were recorded, at most the 12 with the largest peaks).
-            focus: the BN of the mean/variance panels (default: the one with the largest distance peak after the
-                first 10 % of the recorded steps, which are the warm-up from the initial statistics 0 and 1).
+            layers, focus: as in :meth:`figure`.
             dpi: the resolution (default 90, about 80 KB).
 
         Returns:
             ``path`` as a :class:`pathlib.Path`.
         """
+        figure = self.figure(layers=layers, focus=focus)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=dpi)
+        return path
+
+    def figure(self, *, layers: list[str] | None = None, focus: str | None = None):
+        """The four-panel figure of :meth:`plot`, as a :class:`matplotlib.figure.Figure` (imported on call).
+
+        Panels: the batch-vs-running distance of every layer over the steps (log scale); batch mean against
+        running mean, and batch variance against running variance, of one "focus" layer (the running statistics'
+        lag shows as a shaded gap between the lines); the near-dead channel fraction per layer. Lines join the
+        calls made in training mode only; calls made in eval mode (validation forwards, which see the running
+        statistics and, with ``auto_step=True``, are steps of their own) are drawn as separate ``x`` markers with
+        a legend entry, so they never show as a spike of the training curve. The step axes have integer ticks.
+
+        Args:
+            layers: which BNs to draw (default: all that were recorded, at most the 12 with the largest peaks).
+            focus: the BN of the mean/variance panels (default: the one with the largest distance peak after the
+                first 10 % of the recorded steps, which are the warm-up from the initial statistics 0 and 1;
+                training-mode calls only, unless there are none).
+
+        Returns:
+            A matplotlib ``Figure`` drawn without pyplot (no global backend or figure state); ``savefig`` writes it.
+
+        Examples::
+
+            >>> import torch
+            >>> from normkit.diagnostics import Monitor
+            >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+            >>> with Monitor(model) as mon:
+            ...     for _ in range(3):
+            ...         _ = model(torch.randn(16, 4))
+            >>> [ax.get_title() for ax in mon.figure().axes][1]
+            '1: channel-averaged mean'
+        """
         if not self.records:
             raise ValueError("Monitor.plot: expected recorded steps, got none. Run forwards inside `with "
                              "Monitor(model):` (or call attach()) before plotting.")
         from matplotlib.figure import Figure  # no pyplot: no global backend or figure state; PNG goes through Agg
+        from matplotlib.ticker import MaxNLocator
 
         recorded = list(dict.fromkeys(r["layer"] for r in self.records))
-        steps = sorted({r["step"] for r in self.records})
+        ranked = [r for r in self.records if r["training"]] or self.records  # eval calls do not pick the focus
+        steps = sorted({r["step"] for r in ranked})
         settled = steps[len(steps) // 10]  # skip the warm-up from the initial running statistics (0 and 1)
         peak: dict[str, float] = {}
-        for r in self.records:
+        for r in ranked:
             if r["step"] >= settled:
                 peak[r["layer"]] = max(peak.get(r["layer"], -1.0), _finite(r["distance"]))
         if layers is None:
@@ -270,38 +340,60 @@ class Monitor:
             focus = max(layers, key=lambda n: peak.get(n, -1.0))
         elif focus not in recorded:
             raise ValueError(f"Monitor.plot: expected focus to be a recorded BN, one of {recorded}, got {focus!r}")
+        has_eval = any(not r["training"] for r in self.records)
 
         figure = Figure(figsize=(11, 7), layout="constrained")
         axes = figure.subplots(2, 2)
         ax = axes[0, 0]
-        for name in layers:
-            steps, values = self.series(name, "distance")
-            ax.plot(steps, [max(v, 1e-8) for v in values], label=name or "(root)", linewidth=1.2)
+        self._draw_per_layer(ax, layers, "distance", lambda v: max(v, 1e-8))
         ax.set_yscale("log")
         ax.set(title="batch vs running statistics: KL distance per BN", xlabel="step", ylabel="distance (log)")
+        _eval_legend_entry(ax, has_eval)
         ax.legend(fontsize=7, ncol=2, title="layer", title_fontsize=7)
         for ax, field, label in ((axes[0, 1], "mean", "mean"), (axes[1, 0], "var", "variance")):
-            steps, batch = self.series(focus, f"batch_{field}")
-            _, running = self.series(focus, f"running_{field}")
+            steps, batch = self.series(focus, f"batch_{field}", mode="train")
+            _, running = self.series(focus, f"running_{field}", mode="train")
             ax.plot(steps, batch, label=f"batch {label}", color="tab:blue", linewidth=1.2)
             ax.plot(steps, running, label=f"running {label} (before update)", color="tab:orange", linewidth=1.8)
             ax.fill_between(steps, batch, running, color="tab:red", alpha=0.15, label="gap = what eval gets wrong")
+            eval_steps, eval_batch = self.series(focus, f"batch_{field}", mode="eval")
+            _, eval_running = self.series(focus, f"running_{field}", mode="eval")
+            if eval_steps:
+                ax.plot(eval_steps, eval_batch, color="tab:blue", label=f"batch {label}, eval-mode call",
+                        **_EVAL_MARKER)
+                ax.plot(eval_steps, eval_running, color="tab:orange", label=f"running {label}, eval-mode call",
+                        **_EVAL_MARKER)
             ax.set(title=f"{focus or '(root)'}: channel-averaged {label}", xlabel="step")
             ax.legend(fontsize=7)
         ax = axes[1, 1]
-        for name in layers:
-            steps, values = self.series(name, "dead_fraction")
-            ax.plot(steps, values, label=name or "(root)", linewidth=1.2)
+        self._draw_per_layer(ax, layers, "dead_fraction", float)
         ax.set(title="near-dead channels (batch var <= eps)", xlabel="step", ylabel="fraction", ylim=(-0.02, 1.02))
         if any(r["dead_fraction"] > 0 for r in self.records):
+            _eval_legend_entry(ax, has_eval)
             ax.legend(fontsize=7, ncol=2)
         else:
             ax.text(0.5, 0.5, "no near-dead channel at any recorded step", ha="center", transform=ax.transAxes)
-        figure.suptitle(f"normkit Monitor: {len(self.layers)} BN layers, every {self.every} step(s)")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=dpi)
-        return path
+        for ax in axes.flat:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers: no 0.5 ticks
+        eval_note = "; x = eval-mode calls, not joined to the training lines" if has_eval else ""
+        figure.suptitle(f"normkit Monitor: {len(self.layers)} BN layers, every {self.every} step(s){eval_note}")
+        return figure
+
+    def _draw_per_layer(self, ax, layers: list[str], field: str, transform) -> None:
+        """One training-mode line per layer, and its eval-mode calls as unlabelled markers of the same colour."""
+        for name in layers:
+            steps, values = self.series(name, field, mode="train")
+            (line,) = ax.plot(steps, [transform(v) for v in values], label=name or "(root)", linewidth=1.2)
+            eval_steps, eval_values = self.series(name, field, mode="eval")
+            if eval_steps:
+                ax.plot(eval_steps, [transform(v) for v in eval_values], color=line.get_color(),
+                        label="_eval " + (name or "(root)"), **_EVAL_MARKER)
+
+
+def _eval_legend_entry(ax, has_eval: bool) -> None:
+    """A grey ``x`` in the legend standing for every layer's eval-mode markers (each in its layer's colour)."""
+    if has_eval:
+        ax.plot([], [], color="0.35", label="eval-mode call (x, not joined)", **_EVAL_MARKER)
 
 
 def _finite(value: float) -> float:

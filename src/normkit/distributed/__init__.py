@@ -26,8 +26,7 @@ class DistributedDataParallel(_TorchDDP):
     Use it exactly like torch's; on GPU the two are the same.
 
     Args:
-        module: the model, typically after :func:`normkit.tools.sync`.
-        *args, **kwargs: torch's ``DistributedDataParallel`` arguments.
+        module: the model, typically after :func:`normkit.tools.sync`; the other arguments are torch's.
 
     Shape:
         - Input and output: those of ``module``.

@@ -43,19 +43,72 @@ def _describe(module_name: str, channels: int, call: int) -> str:
     return f"SyncBatchNorm({channels}){where} (call {call})"
 
 
+#: Lower-case fragments of backend errors (gloo, NCCL, the OS) that mean a peer process went away: it exited
+#: (crashed, was killed) or its connection dropped. Checked before the timeout fragments: a socket error is the
+#: more specific cause, and gloo's "Connection reset by peer" text also speaks of a "remote worker hanging".
+PEER_LOST = ("connection reset", "connection closed", "closed by peer", "socket closed", "unexpectedly closed",
+             "broken pipe", "connection aborted", "remote process exited", "econnreset", "epipe")
+#: Lower-case fragments of backend errors that mean the collective waited longer than the group's timeout.
+TIMED_OUT = ("timed out", "timeout", "timing out")
+
+
+def failure_cause(error: BaseException) -> str:
+    """Why a collective failed, from the backend's error text: ``"peer_lost"``, ``"timeout"`` or ``"unknown"``.
+
+    Examples::
+
+        >>> failure_cause(RuntimeError("[pair.cc:537] Read error [127.0.0.1]:4242: Connection reset by peer."))
+        'peer_lost'
+        >>> failure_cause(RuntimeError("[unbound_buffer.cc:78] Timed out waiting 2000ms for recv operation"))
+        'timeout'
+    """
+    text = str(error).lower()
+    if any(fragment in text for fragment in PEER_LOST):
+        return "peer_lost"
+    if any(fragment in text for fragment in TIMED_OUT):
+        return "timeout"
+    return "unknown"
+
+
+def failure_message(error: BaseException, what: str, description: str, rank: int, world: int) -> str:
+    """The text of the error a failed collective becomes: what failed, the backend's own words, what to check.
+
+    Args:
+        error: the backend's exception.
+        what: the collective, e.g. ``"forward all_gather of the batch statistics"``; one starting with
+            ``"forward"`` is the forward's, which runs before any state changes.
+        description: the layer, as :func:`_describe` gives it.
+        rank, world: this process's rank and the group's size.
+    """
+    original = " ".join(str(error).split())  # gloo's texts carry newlines and trailing blanks
+    state = ("this layer's running statistics, num_batches_tracked and call count are unchanged"
+             if what.startswith("forward") else
+             "the forward of this call had already updated the running statistics; no gradient was computed")
+    cause = failure_cause(error)
+    if cause == "peer_lost":
+        return (f"{description}: a peer process exited or lost its connection during the {what} (rank {rank} "
+                f"of {world}; the backend said: {original}); check the other ranks' logs for the error that "
+                f"stopped them. On this rank {state}.")
+    if cause == "timeout":
+        return (f"{description}: the {what} over the process group failed on rank {rank} of {world}: {original}\n"
+                "A peer did not join this layer's collective in time (the timeout is "
+                "init_process_group(timeout=...)). Every rank must call every SyncBatchNorm layer the same number "
+                "of times and in the same order, and run the backward of every training forward, also with an "
+                "empty local batch; check for a rank that crashed, stopped early, took another branch, or is still "
+                f"busy elsewhere. On this rank {state}.")
+    return (f"{description}: the {what} over the process group failed on rank {rank} of {world}: {original}\n"
+            "The backend's error above says why; check the other ranks' logs too. Every rank must call every "
+            "SyncBatchNorm layer the same number of times and in the same order, and run the backward of every "
+            f"training forward. On this rank {state}.")
+
+
 def _collective(op, what: str, description: str, group, *args) -> None:
     """Run one collective; a failure (a timeout, a peer that crashed) becomes an error that says what to check."""
     try:
         op(*args, group=group)
-    except RuntimeError as err:
+    except RuntimeError as err:  # torch.distributed.DistError (DistBackendError, ...) included: they derive from it
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        raise RuntimeError(
-            f"{description}: the {what} over the process group failed on rank {rank} of {world}: {err}\n"
-            "A peer did not join this layer's collective in time (the timeout is init_process_group(timeout=...)). "
-            "Every rank must call every SyncBatchNorm layer the same number of times and in the same order, and "
-            "run the backward of every training forward, also with an empty local batch; check for a rank that "
-            "crashed, stopped early, or took another branch."
-        ) from err
+        raise RuntimeError(failure_message(err, what, description, rank, world)) from err
 
 
 def moments(xc: torch.Tensor, layout: Layout, channels: int, acc: torch.dtype):
@@ -81,7 +134,8 @@ def gather_statistics(input: torch.Tensor, group, world: int, tag: int, call: in
     row[-1] = MAGIC
     rows = row.new_empty(world, row.numel())
     description = _describe(module_name, channels, call)
-    _collective(dist.all_gather, "forward all_gather", description, group, list(rows.unbind(0)), row)
+    _collective(dist.all_gather, "forward all_gather of the batch statistics", description, group,
+                list(rows.unbind(0)), row)
     headers = rows[:, :HEADER].cpu()
     ends = rows[:, -1].cpu()
     mine = headers.new_tensor([MAGIC, tag, call, channels])
@@ -151,7 +205,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         else:
             sum_dy = sum_dy_xmu = torch.zeros(channels, dtype=acc, device=input.device)
         local[-3:] = torch.tensor([ctx.key, ctx.key * ctx.key, 1.0], dtype=torch.float64)
-        _collective(dist.all_reduce, "backward all_reduce", ctx.description, ctx.group, local)
+        _collective(dist.all_reduce, "backward all_reduce of the gradient sums", ctx.description, ctx.group, local)
         key_sum, square_sum, world = local[-3:].tolist()
         if world * square_sum != key_sum * key_sum:
             raise RuntimeError(

@@ -8,9 +8,11 @@ from ..functional import _checks, _stats
 from ..functional._snapshot import snapshot
 from ..functional.batch_norm import batch_norm
 from . import _scripting
+from ._state_loading import AtomicStateLoading
+from ._torch_compat import with_bias
 
 
-class _BatchNormMixin:
+class _BatchNormMixin(AtomicStateLoading):
     """What normkit adds to ``torch.nn.modules.batchnorm._BatchNorm``: options, validation order, the forward."""
 
     def _init_options(self, running_var: str, nonfinite: str) -> None:
@@ -104,7 +106,7 @@ _OPTIONS_DOC = """
 
 
 def _make(torch_class: type, example_shape: str) -> type:
-    class BatchNorm(_BatchNormMixin, torch_class):
+    class BatchNorm(_BatchNormMixin, with_bias(torch_class)):
         def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                      track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
                      running_var: str = "unbiased", nonfinite: str = "skip") -> None:

@@ -95,7 +95,8 @@ _DOC = r"""Batch normalization, an optional residual and an activation in one la
     backward that recomputes the activation's derivative from the input and the per-channel statistics; elsewhere
     it is torchvision's block (:func:`normkit.functional.batch_norm`, then the residual added and the activation
     applied in place), so it compiles, exports and transforms like the plain layer.
-    ``normkit.tools.sync`` does not convert this layer (it raises rather than drop the activation).
+    The model tools keep the activation: ``normkit.tools.sync`` gives ``SyncBatchNormAct``, ``freeze``
+    ``FrozenBatchNormAct*d``, ``fold`` leaves ``ResidualAct``.
 
     Args:
         num_features, eps, momentum, affine, track_running_stats, device, dtype, bias, running_var, nonfinite:

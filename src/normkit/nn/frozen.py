@@ -8,11 +8,13 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..functional import _checks
 from ._scripting import torch_twin
+from ._state_loading import AtomicStateLoading
+from ._torch_compat import build
 
 _STATE = ("running_mean", "running_var", "weight", "bias")  # torch's order of the per-channel checks
 
 
-class FrozenBatchNorm(torch.nn.Module):
+class FrozenBatchNorm(AtomicStateLoading, torch.nn.Module):
     r"""Batch normalization with fixed statistics and affine parameters, for inputs :math:`(N, C, +)` of any rank.
 
     .. math::
@@ -313,8 +315,8 @@ def _unfreeze(frozen: FrozenBatchNorm, config: dict, cls: type | None = None, **
     kept = dict(config["options"]) if cls is None else {}
     kept.update(options)
     cls = cls or config["cls"]
-    new = cls(frozen.num_features, frozen.eps, config["momentum"], config["affine"], config["track_running_stats"],
-              device=torch.device("meta"), bias=config["bias"], **kept)
+    new = build(cls, frozen.num_features, frozen.eps, config["momentum"], config["affine"],
+                config["track_running_stats"], device=torch.device("meta"), bias=config["bias"], **kept)
     requires_grad = iter(config["requires_grad"])
     with torch.no_grad():
         if new.weight is not None:

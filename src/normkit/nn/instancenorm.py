@@ -7,9 +7,11 @@ import torch
 
 from ..functional.instance_norm import instance_norm
 from ._scripting import torch_twin
+from ._state_loading import AtomicStateLoading
+from ._torch_compat import with_bias
 
 
-class _InstanceNormMixin:
+class _InstanceNormMixin(AtomicStateLoading):
     """Replaces torch's call of ``F.instance_norm``; torch's ``forward`` keeps its checks and unbatched handling."""
 
     def __prepare_scriptable__(self) -> torch.nn.Module:
@@ -29,7 +31,7 @@ class _InstanceNormMixin:
         )
 
 
-class InstanceNorm1d(_InstanceNormMixin, torch.nn.InstanceNorm1d):
+class InstanceNorm1d(_InstanceNormMixin, with_bias(torch.nn.InstanceNorm1d)):
     r"""Drop-in for :class:`torch.nn.InstanceNorm1d`: per (sample, channel) statistics over the length.
 
     .. math::
@@ -57,7 +59,7 @@ class InstanceNorm1d(_InstanceNormMixin, torch.nn.InstanceNorm1d):
     """
 
 
-class InstanceNorm2d(_InstanceNormMixin, torch.nn.InstanceNorm2d):
+class InstanceNorm2d(_InstanceNormMixin, with_bias(torch.nn.InstanceNorm2d)):
     r"""Drop-in for :class:`torch.nn.InstanceNorm2d`: per (sample, channel) statistics over the plane.
 
     .. math::
@@ -83,7 +85,7 @@ class InstanceNorm2d(_InstanceNormMixin, torch.nn.InstanceNorm2d):
     """
 
 
-class InstanceNorm3d(_InstanceNormMixin, torch.nn.InstanceNorm3d):
+class InstanceNorm3d(_InstanceNormMixin, with_bias(torch.nn.InstanceNorm3d)):
     r"""Drop-in for :class:`torch.nn.InstanceNorm3d`: per (sample, channel) statistics over the volume.
 
     .. math::

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from ._state_loading import AtomicStateLoading
 from .batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .batchnorm_act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .cross_iteration import CrossIterationBatchNorm2d
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
@@ -90,19 +93,19 @@ def norm_layer(spec: str, num_features: int, *, dim: int = 2, **kwargs) -> torch
     ====================  ==============================================================================
     spec                  module
     ====================  ==============================================================================
-    ``"bn"``              :class:`normkit.nn.BatchNorm{dim}d` ``(C)``
-    ``"bn-biased"``       :class:`normkit.nn.BatchNorm{dim}d` ``(C, running_var="biased")`` (Keras, Flax)
-    ``"frozen"``          :class:`normkit.nn.FrozenBatchNorm{dim}d` ``(C)``
+    ``"bn"``              ``normkit.nn.BatchNorm{dim}d`` ``(C)``
+    ``"bn-biased"``       ``normkit.nn.BatchNorm{dim}d`` ``(C, running_var="biased")`` (Keras, Flax)
+    ``"frozen"``          ``normkit.nn.FrozenBatchNorm{dim}d`` ``(C)``
     ``"sync"``            :class:`normkit.nn.SyncBatchNorm` ``(C)``
     ``"gnG"``             :class:`normkit.nn.GroupNorm` ``(G, C)``: ``"gn32"`` is the GN paper's 32 groups
     ``"gn/K"``            :class:`normkit.nn.GroupNorm` ``(C // K, C)``: ``K`` channels per group (``"gn/16"``)
     ``"ln"``              :class:`normkit.nn.GroupNorm` ``(1, C)``: normalizes each sample over :math:`(C, *)`, the
                           GN paper's LayerNorm; on an :math:`(N, C)` input it equals ``LayerNorm(C)``
                           (not ConvNeXt's ``LayerNorm2d``, which normalizes over :math:`C` per position)
-    ``"in"``              :class:`normkit.nn.InstanceNorm{dim}d` ``(C, affine=True)``
+    ``"in"``              ``normkit.nn.InstanceNorm{dim}d`` ``(C, affine=True)``
     ``"none"``            ``torch.nn.Identity()`` (``kwargs`` are ignored)
-    ``"brn"``             :class:`normkit.nn.BatchRenorm{dim}d` ``(C)`` (Ioffe 2017, the paper's schedule)
-    ``"ghostB"``          :class:`normkit.nn.GhostBatchNorm{dim}d` ``(C, B)``: ghost batches of ``B`` samples
+    ``"brn"``             ``normkit.nn.BatchRenorm{dim}d`` ``(C)`` (Ioffe 2017, the paper's schedule)
+    ``"ghostB"``          ``normkit.nn.GhostBatchNorm{dim}d`` ``(C, B)``: ghost batches of ``B`` samples
     ``"cbn"``             :class:`normkit.nn.CrossIterationBatchNorm2d` ``(C)`` (``dim=2`` only); bind the
                           preceding layer with ``.bind(conv)`` before training with a window above 1
     ====================  ==============================================================================
@@ -164,4 +167,130 @@ def norm_layer(spec: str, num_features: int, *, dim: int = 2, **kwargs) -> torch
     return GroupNorm(groups(parsed, num_features), num_features, **kwargs)
 
 
-__all__ = ["BATCH_NORMS", "FROZEN", "GRAMMAR", "Spec", "groups", "norm_layer", "parse", "unknown"]
+_BATCH_NORM_ACTS = {1: BatchNormAct1d, 2: BatchNormAct2d, 3: BatchNormAct3d}
+_FUSED_ACTS = {torch.nn.ReLU: "relu", torch.nn.SiLU: "silu", torch.nn.GELU: "gelu", "relu": "relu", "silu": "silu",
+               "gelu": "gelu"}
+_NAMED_ACTS = {"relu": torch.nn.ReLU, "silu": torch.nn.SiLU, "gelu": torch.nn.GELU}
+_UNSET = object()
+
+
+class NormAct(AtomicStateLoading, torch.nn.Module):
+    """``act(drop(norm(x)))``: a normalization layer followed by an activation (and optional dropout), the module
+    :func:`norm_factory` builds for timm's norm-act convention when no fused normkit layer fits.
+
+    Args:
+        norm: the normalization layer (its parameters and buffers are under ``norm.``).
+        act: the activation module, or ``None`` (identity).
+        drop: a module applied between the two (timm's ``drop_layer``), or ``None``.
+
+    Shape:
+        - Input: :math:`(N, C, *)`. Output: same shape.
+    """
+
+    def __init__(self, norm: torch.nn.Module, act: torch.nn.Module | None = None,
+                 drop: torch.nn.Module | None = None) -> None:
+        super().__init__()
+        self.norm = norm
+        self.drop = drop if drop is not None else torch.nn.Identity()
+        self.act = act if act is not None else torch.nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(self.norm(x)))
+
+
+def norm_factory(spec: str, *, dim: int = 2, act_layer=None, **kwargs) -> Callable[..., torch.nn.Module]:
+    r"""A ``norm_layer=`` callable for torchvision and timm model builders: ``norm_factory(spec)(C)`` is
+    ``norm_layer(spec, C)``.
+
+    torchvision's builders (``resnet50(norm_layer=...)``, ``BasicBlock``, ``ConvNormActivation``) and timm's
+    (``timm.create_model(..., norm_layer=...)``) take a ``norm_layer: Callable[..., nn.Module]`` and call it as
+    ``norm_layer(num_features)``; timm adds ``device=``/``dtype=``, which go to the module's constructor. The
+    returned callable is a plain function (not a ``functools.partial``): timm's ``get_norm_layer`` and
+    ``get_norm_act_layer`` unbind a partial's *keywords* only and would drop the spec, and accept only
+    functions, classes, partials and strings.
+
+    timm's norm-act convention, ``norm_layer(C, apply_act=True, act_layer=None, act_kwargs=None, inplace=None,
+    drop_layer=None)`` (``ConvNormAct``, ``create_norm_act_layer``; timm calls a function as is, without binding
+    its ``act_layer``, so give the activation here with ``act_layer=``) is taken too: without an activation
+    (``apply_act=False`` or ``act_layer=None``) and dropout the result is the plain layer; ``"bn"``/``"bn-biased"``
+    with ReLU, SiLU or GELU (``torch.nn.ReLU``, ``torch.nn.SiLU``, ``torch.nn.GELU`` with its defaults, or
+    ``"relu"``/``"silu"``/``"gelu"``) and no dropout
+    is the fused :class:`normkit.nn.BatchNormAct2d` (a batch norm's state_dict, like timm's ``BatchNormAct2d``);
+    anything else is :class:`NormAct` ``(layer, act, drop)`` (parameters under ``norm.``).
+
+    Args:
+        spec: a :func:`norm_layer` spec (``"bn"``, ``"gn32"``, ``"gn/16"``, ``"frozen"``, ...).
+        dim: 1, 2 or 3, as in :func:`norm_layer`. Default: ``2``
+        act_layer: the activation for the norm-act convention: a module class or function returning a module
+            (``torch.nn.ReLU``), or ``"relu"``, ``"silu"``, ``"gelu"``. Default: ``None``
+        **kwargs: constructor arguments of every layer (``eps``, ``momentum``, ...); a call's own keywords win.
+
+    Returns:
+        ``build(num_features, **overrides) -> nn.Module``, a function named after the spec.
+
+    Examples::
+
+        >>> import normkit
+        >>> gn = normkit.nn.norm_factory("gn32")
+        >>> gn(64)
+        GroupNorm(32, 64, eps=1e-05, affine=True, bias=True)
+        >>> normkit.nn.norm_factory("bn", eps=1e-3)(8, momentum=0.01)
+        BatchNorm2d(8, eps=0.001, momentum=0.01, affine=True, bias=True, track_running_stats=True)
+        >>> normkit.nn.norm_factory("bn", act_layer="silu")(8).act
+        'silu'
+    """
+    parsed = parse(spec)
+    if parsed is None:
+        raise unknown(spec, "norm_factory")
+    if dim not in (1, 2, 3) or isinstance(dim, bool):
+        raise ValueError(f"norm_factory({spec!r}): dim must be 1, 2 or 3 (the BatchNorm1d/2d/3d rank), got {dim!r}.")
+    _check_act(act_layer, spec)
+    defaults = dict(kwargs)
+    factory_act = act_layer
+
+    def build(num_features: int, *, apply_act: bool = True, act_layer=_UNSET, act_kwargs: dict | None = None,
+              inplace: bool | None = None, drop_layer=None, **overrides) -> torch.nn.Module:
+        act = factory_act if act_layer is _UNSET else act_layer
+        _check_act(act, spec)
+        options = {**defaults, **overrides}
+        if not apply_act:
+            act = None
+        fused = _FUSED_ACTS.get(act) if isinstance(act, (str, type)) else None
+        if drop_layer is None and fused is not None and not act_kwargs and parsed.kind in ("bn", "bn-biased"):
+            if parsed.kind == "bn-biased":
+                options = {"running_var": "biased", **options}
+            if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+                norm_layer(spec, num_features)  # the same error as without the activation
+            return _BATCH_NORM_ACTS[dim](num_features, act=fused, **options)
+        layer = norm_layer(spec, num_features, dim=dim, **options)
+        if act is None and drop_layer is None:
+            return layer
+        return NormAct(layer, _activation(act, act_kwargs, inplace), drop_layer() if drop_layer else None)
+
+    build.__name__ = build.__qualname__ = f"norm_factory({spec!r})"
+    build.__doc__ = f"``norm_layer({spec!r}, num_features, dim={dim})``: see :func:`normkit.nn.norm_factory`."
+    return build
+
+
+def _check_act(act, spec: str) -> None:
+    if act is None or act is _UNSET or callable(act) or (isinstance(act, str) and act in _NAMED_ACTS):
+        return
+    raise ValueError(f"norm_factory({spec!r}): expected act_layer to be None, a module class such as torch.nn.ReLU, "
+                     f"or one of {tuple(_NAMED_ACTS)}, got {act!r}.")
+
+
+def _activation(act, act_kwargs: dict | None, inplace: bool | None) -> torch.nn.Module | None:
+    if act is None:
+        return None
+    maker = _NAMED_ACTS[act] if isinstance(act, str) else act
+    options = dict(act_kwargs or {})
+    if inplace is not None:
+        try:
+            return maker(inplace=inplace, **options)
+        except TypeError:  # torch.nn.GELU, SiLU-like classes without ``inplace``: timm drops it the same way
+            pass
+    return maker(**options)
+
+
+__all__ = ["BATCH_NORMS", "FROZEN", "GRAMMAR", "NormAct", "Spec", "groups", "norm_factory", "norm_layer", "parse",
+           "unknown"]

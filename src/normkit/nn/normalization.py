@@ -8,9 +8,11 @@ import torch
 from ..functional.group_norm import group_norm
 from ..functional.layer_norm import layer_norm
 from ._scripting import torch_twin
+from ._state_loading import AtomicStateLoading
+from ._torch_compat import with_bias
 
 
-class GroupNorm(torch.nn.GroupNorm):
+class GroupNorm(AtomicStateLoading, with_bias(torch.nn.GroupNorm)):
     r"""Drop-in for :class:`torch.nn.GroupNorm`: normalizes each sample over groups of channels.
 
     .. math::
@@ -45,7 +47,7 @@ class GroupNorm(torch.nn.GroupNorm):
         return torch_twin(self)
 
 
-class LayerNorm(torch.nn.LayerNorm):
+class LayerNorm(AtomicStateLoading, torch.nn.LayerNorm):
     r"""Drop-in for :class:`torch.nn.LayerNorm`: normalizes each sample over its trailing ``normalized_shape``.
 
     .. math::

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from ._state_loading import AtomicStateLoading
+
 
 def _require_positive_finite(name: str, value, allow_zero: bool = False) -> float:
     bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
@@ -15,7 +17,7 @@ def _require_positive_finite(name: str, value, allow_zero: bool = False) -> floa
     return float(value)
 
 
-class ScaledStdConv2d(torch.nn.Conv2d):
+class ScaledStdConv2d(AtomicStateLoading, torch.nn.Conv2d):
     r"""A :class:`torch.nn.Conv2d` whose filters are standardized and scaled on every call (NFNets' scaled WS).
 
     .. math::

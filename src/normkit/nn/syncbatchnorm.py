@@ -7,10 +7,11 @@ import torch.distributed as dist
 
 from ..functional import _checks, _stats
 from . import _sync
+from ._torch_compat import with_bias
 from .batchnorm import _BatchNormMixin
 
 
-class SyncBatchNorm(_BatchNormMixin, torch.nn.SyncBatchNorm):
+class SyncBatchNorm(_BatchNormMixin, with_bias(torch.nn.SyncBatchNorm)):
     r"""Batch normalization over the union of the batches of every rank of a process group.
 
     .. math::

@@ -2,8 +2,8 @@
 
 Which pairs fold is decided on the model's ``torch.fx`` graph when the model can be traced (the rules of
 ``torch.fx.experimental.optimization.fuse``), else on ``nn.Sequential`` adjacency. Either way the folding itself
-happens in the module tree: the layer gets the folded weight and bias, the batch norm becomes ``nn.Identity``, and
-the model keeps its own class, attributes and ``forward``.
+happens in the module tree: the layer gets the folded weight and bias, the batch norm becomes ``nn.Identity`` (or the
+activation it carried), and the model keeps its own class, attributes and ``forward``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..nn.batchnorm import _BatchNormMixin
 from ..nn.frozen import FrozenBatchNorm, FrozenBatchNorm1d
+from ..nn.frozen_act import FrozenBatchNormDropAct, _FrozenActMixin
+from . import _norm_act
 
 # Layers a batch norm folds into, by exact type (a subclass may change what its forward does, as torch's fx fusion
 # assumes too). Their output channels are dimension 1 of the output, except Linear's, whose features are the last
@@ -70,15 +72,20 @@ def fold(model: nn.Module, *, report: bool = False) -> nn.Module | tuple[nn.Modu
     follows a ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` (any ``groups``) or ``Linear`` (then a ``BatchNorm1d`` on
     ``(N, C)`` batches) whose output nothing else uses, tracks running statistics, is a plain batch norm (torch's or
     normkit's, ``SyncBatchNorm`` and the ``FrozenBatchNorm*d`` of :func:`normkit.tools.freeze` included), and neither
-    module carries hooks nor is called twice. A traceable model
+    module carries hooks nor is called twice. Batch norms with an activation fold too and leave the activation where
+    they stood: normkit's ``BatchNormAct1d/2d/3d``, ``SyncBatchNormAct`` and ``FrozenBatchNormAct*`` become
+    :class:`normkit.nn.ResidualAct` (the same ``act`` and ``residual=`` argument; a call with a residual still
+    folds), and a batch norm subclass with ``act`` and ``drop`` submodules (timm's ``BatchNormAct2d``, recognised
+    by those attributes and taken to compute ``act(drop(bn(x)))``) and :class:`normkit.nn.FrozenBatchNormDropAct`
+    become :class:`normkit.nn.NormAct` ``(Identity(), act, drop)`` holding the layer's own modules. A traceable model
     (``torch.fx.symbolic_trace``) is analysed on its graph, so residual adds, concatenations and arbitrary
     ``forward`` code are handled; an untraceable one falls back to adjacent children of ``nn.Sequential``
-    containers, and the report says so. The layer gains a bias if it had none, the batch norm becomes
+    containers, and the report says so. The layer gains a bias if it had none, a plain batch norm becomes
     ``nn.Identity``, the arithmetic runs in float64 and is cast back to the layer's dtype. Outputs equal those of
     the unfolded eval model up to rounding (about 1e-6 in float32).
 
     ``model`` itself is never changed: folding rewrites weights, so the result is a deep copy that keeps the
-    model's class, ``forward`` and attributes (only folded batch norms become ``nn.Identity``).
+    model's class, ``forward`` and attributes (only folded batch norms are replaced).
 
     Args:
         model: a model in eval mode (``model.eval()``); training mode raises, since a training batch norm
@@ -134,7 +141,7 @@ def fold(model: nn.Module, *, report: bool = False) -> nn.Module | tuple[nn.Modu
     for layer_name, bn_name in pairs:
         layer, bn = folded.get_submodule(layer_name), folded.get_submodule(bn_name)
         _fold_into(layer, bn)
-        _set_submodule(folded, bn_name, nn.Identity())
+        _set_submodule(folded, bn_name, _norm_act.fold_remnant(bn))
         result.folded.append((layer_name, bn_name))
     result.kept = kept
     return (folded, result) if report else folded
@@ -154,9 +161,24 @@ def _names(model: nn.Module) -> dict[int, list[str]]:
 
 
 def _is_foldable_bn(module: nn.Module) -> bool:
+    if isinstance(module, FrozenBatchNormDropAct):
+        return type(module).forward is FrozenBatchNormDropAct.forward
+    if isinstance(module, _FrozenActMixin):
+        return type(module).forward is _FrozenActMixin.forward
     if isinstance(module, FrozenBatchNorm):
         return type(module).forward is FrozenBatchNorm.forward
+    if _norm_act.carries_activation(module):  # normkit's (exact types) and timm's layout: bn, then drop and act
+        return True
     return isinstance(module, _BatchNorm) and type(module).forward in _PLAIN_FORWARDS
+
+
+def _takes_only_the_layer_output(node: torch.fx.Node, bn: nn.Module) -> bool:
+    """The call passes one input (normkit's activation layers: and optionally their ``residual``)."""
+    if len(node.args) == 1 and not node.kwargs:
+        return True
+    if not _norm_act.is_normkit_act(bn):
+        return False
+    return (len(node.args) == 2 and not node.kwargs) or (len(node.args) == 1 and set(node.kwargs) == {"residual"})
 
 
 def _why_not(layer: nn.Module, bn: nn.Module, names: dict[int, list[str]]) -> str | None:
@@ -222,12 +244,16 @@ def _graph_reason(model, node, calls, touched, names) -> str | None:
     if calls[node.target] > 1:
         return "the batch norm is called more than once in forward"
     source = node.args[0] if node.args else None
-    if not isinstance(source, torch.fx.Node) or source.op != "call_module" or len(node.args) != 1 or node.kwargs:
+    if not isinstance(source, torch.fx.Node) or source.op != "call_module":
         return "its input is not the output of a module"
+    if not _takes_only_the_layer_output(node, bn):
+        return "it is called with more than its input"
     layer = model.get_submodule(source.target)
     if type(layer) in _LAYERS:
         if len(source.users) > 1:
             return f"the output of {source.target} has {len(source.users)} users, not only this batch norm"
+        if source in (*node.args[1:], *node.kwargs.values()):
+            return f"the output of {source.target} is also the residual of this batch norm"
         if calls[source.target] > 1:
             return f"{source.target} is called more than once in forward"
         if source.target in touched or node.target in touched:

@@ -11,6 +11,8 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from .. import nn as nk
 from ..nn.frozen import FrozenBatchNorm
+from ..nn.frozen_act import FrozenBatchNormDropAct
+from . import _norm_act
 from .convert import NORMKIT_BATCH_NORMS, TORCH_BATCH_NORMS, replace
 
 FREEZABLE = (*TORCH_BATCH_NORMS, *NORMKIT_BATCH_NORMS, torch.nn.SyncBatchNorm, nk.SyncBatchNorm)
@@ -22,7 +24,7 @@ def freeze(model: torch.nn.Module, submodules: Iterable[str] | str | None = None
     .. math::
         \mathrm{freeze}(f)(x) = f_{\mathrm{eval}}(x)\ \text{at the batch norms, in training and in evaluation}
 
-    torch's and normkit's ``BatchNorm1d/2d/3d`` become :class:`normkit.nn.FrozenBatchNorm1d/2d/3d` of the same
+    torch's and normkit's ``BatchNorm1d/2d/3d`` become ``normkit.nn.FrozenBatchNorm1d/2d/3d`` of the same
     rank and ``SyncBatchNorm`` becomes the rank-free :class:`normkit.nn.FrozenBatchNorm`, through
     :meth:`~normkit.nn.FrozenBatchNorm.from_batch_norm`: the output is the layer's ``eval()`` output, ``weight``,
     ``bias`` and the running statistics are copied into buffers (detached clones: the old layer and the frozen
@@ -34,11 +36,19 @@ def freeze(model: torch.nn.Module, submodules: Iterable[str] | str | None = None
     batch statistics and moves its running statistics. A frozen layer has no parameters and no training mode,
     so nothing but :func:`unfreeze` changes it, and its state_dict keys stay those of the batch norm.
 
+    Batch norms with an activation keep it: normkit's ``BatchNormAct1d/2d/3d`` and ``SyncBatchNormAct`` become
+    :class:`normkit.nn.FrozenBatchNormAct2d` (1d, 3d; rank-free :class:`normkit.nn.FrozenBatchNormAct`), with the
+    same ``act`` and ``residual`` argument; a batch norm subclass with ``act`` and ``drop`` submodules (timm's
+    ``BatchNormAct2d`` and ``SyncBatchNormAct``, recognised by those attributes) becomes
+    :class:`normkit.nn.FrozenBatchNormDropAct`, which keeps those two modules; :func:`unfreeze` gives each its
+    class back. Forward hooks and pre-hooks of a replaced layer move to the new one (see
+    :func:`normkit.tools.convert`).
+
     Other layers are not touched (their parameters keep ``requires_grad``; set it yourself to freeze a
-    backbone's convolutions). A layer shared between several places is frozen once and stays shared. A batch
-    norm subclass normkit does not know (e.g. timm's ``BatchNormAct2d``, whose activation a frozen layer would
-    drop) and a batch norm without running statistics (``track_running_stats=False``) raise, and so does an
-    unknown name in ``submodules``; a failed call changes nothing.
+    backbone's convolutions). A layer shared between several places is frozen once and stays shared. Another
+    batch norm subclass normkit does not know (a frozen layer would drop what it adds) and a batch norm without
+    running statistics (``track_running_stats=False``) raise, and so does an unknown name in ``submodules``; a
+    failed call changes nothing.
 
     Args:
         model: any module; a batch norm itself returns its frozen copy.
@@ -67,8 +77,7 @@ def freeze(model: torch.nn.Module, submodules: Iterable[str] | str | None = None
         if chosen(module):
             check_freezable(module, name, "freeze")
 
-    return replace(model, lambda module, _name: FrozenBatchNorm.from_batch_norm(module) if chosen(module)
-                   else module, check)
+    return replace(model, lambda module, _name: _norm_act.frozen(module) if chosen(module) else module, check)
 
 
 def unfreeze(model: torch.nn.Module, submodules: Iterable[str] | str | None = None) -> torch.nn.Module:
@@ -80,9 +89,12 @@ def unfreeze(model: torch.nn.Module, submodules: Iterable[str] | str | None = No
     Each frozen layer becomes the batch norm it was frozen from (:meth:`~normkit.nn.FrozenBatchNorm.to_batch_norm`):
     the same class, ``momentum``, ``eps``, ``affine``, ``track_running_stats``, ``requires_grad`` flags and
     normkit options, with its current values (cloned) in new parameters and buffers, and the frozen layer's
-    ``training`` flag. A frozen layer built directly becomes normkit's ``BatchNorm1d/2d/3d`` with torch's
-    defaults. Layers frozen by other libraries (torchvision's, detectron2's ``FrozenBatchNorm2d``) are left
-    alone. A new optimizer is needed for the new parameters.
+    ``training`` flag (a ``FrozenBatchNormAct*`` its ``BatchNormAct``/``SyncBatchNormAct`` with the same ``act``; a
+    :class:`normkit.nn.FrozenBatchNormDropAct` the source's own class, timm's ``BatchNormAct2d`` say, with its
+    ``drop`` and ``act`` modules). A frozen layer built directly becomes normkit's ``BatchNorm1d/2d/3d`` (or
+    ``BatchNormAct1d/2d/3d``) with torch's defaults; a directly built ``FrozenBatchNormDropAct`` raises. Layers
+    frozen by other libraries (torchvision's, detectron2's ``FrozenBatchNorm2d``) are left alone. A new optimizer
+    is needed for the new parameters.
 
     Args:
         model: any module; a frozen batch norm itself returns the new batch norm.
@@ -102,12 +114,19 @@ def unfreeze(model: torch.nn.Module, submodules: Iterable[str] | str | None = No
     """
     selected = _selected(model, submodules, "unfreeze")
 
-    def swap(module: torch.nn.Module, _name: str) -> torch.nn.Module:
-        if isinstance(module, FrozenBatchNorm) and (selected is None or id(module) in selected):
-            return module.to_batch_norm()
-        return module
+    def chosen(module: torch.nn.Module) -> bool:
+        return isinstance(module, FrozenBatchNorm) and (selected is None or id(module) in selected)
 
-    return replace(model, swap)
+    def check(module: torch.nn.Module, name: str) -> None:
+        if chosen(module) and isinstance(module, FrozenBatchNormDropAct) and (
+                "template" not in (getattr(module, "_unfrozen_config", None) or {})):
+            raise TypeError(
+                f"unfreeze: {name or 'the model'} is a FrozenBatchNormDropAct built directly, not by freeze, so the "
+                "class to rebuild is not known. Replace it yourself, or leave it out with submodules=[...]. Nothing "
+                "was changed."
+            )
+
+    return replace(model, lambda module, _name: module.to_batch_norm() if chosen(module) else module, check)
 
 
 def check_freezable(module: torch.nn.Module, name: str, caller: str) -> None:
@@ -118,12 +137,13 @@ def check_freezable(module: torch.nn.Module, name: str, caller: str) -> None:
             f"{caller}: {where} is an uninitialized {type(module).__name__}; its number of features is not known "
             "yet. Run one forward pass first. Nothing was changed."
         )
-    if type(module) not in FREEZABLE:
+    if type(module) not in FREEZABLE and not _norm_act.carries_activation(module):
         raise TypeError(
             f"{caller}: {where} is a {type(module).__module__}.{type(module).__name__}, a batch norm subclass "
-            "normkit does not know; a FrozenBatchNorm would drop what it adds (e.g. the activation of timm's "
-            "BatchNormAct2d). Use its library's tool (timm.layers.freeze_batch_norm_2d), or leave it out with "
-            "submodules=[...]. Nothing was changed."
+            "normkit does not know; a FrozenBatchNorm would drop what it adds. Use its library's own tool, or "
+            "leave it out with submodules=[...]. (Layers normkit freezes: torch's and normkit's BatchNorm1d/2d/3d "
+            "and SyncBatchNorm, normkit's BatchNormAct1d/2d/3d and SyncBatchNormAct, and batch norms with act and "
+            "drop submodules, timm's BatchNormAct2d layout.) Nothing was changed."
         )
     if module.running_mean is None or module.running_var is None:
         raise ValueError(

@@ -186,9 +186,9 @@ def recalibrate(model: nn.Module, data: Iterable, *, num_batches: int | None = N
                 continue
             mean, var = acc.result(estimator)
             if not bool(torch.isfinite(mean).all() and torch.isfinite(var).all()):
-                raise ValueError(f"recalibrate: the statistics of {name} over data are not finite (inf/NaN inputs, "
-                                 "or batches of one value per channel with the unbiased variance); check the "
-                                 "data, or use larger batches.")
+                raise ValueError(f"recalibrate: the statistics of {_layer(name, layers[name])} over the data are "
+                                 "not finite (inf/NaN inputs, or batches of one value per channel with the "
+                                 "unbiased variance); check the data, or use larger batches. Nothing was changed.")
             results[name] = (mean, var)
     except BaseException:
         _restore(layers, saved_buffers)
@@ -213,9 +213,18 @@ def recalibrate(model: nn.Module, data: Iterable, *, num_batches: int | None = N
                 m.num_batches_tracked.add_(accumulators[name].batches)
     idle = [name for name, acc in accumulators.items() if acc.batches == 0]
     if idle:
-        warnings.warn(f"recalibrate: no batch reached {', '.join(idle)}; their running statistics were kept.",
-                      UserWarning, stacklevel=2)
+        names = [repr(name) for name in idle]
+        which = f"layer {names[0]}" if len(names) == 1 else f"layers {', '.join(names[:-1])} and {names[-1]}"
+        warnings.warn(f"recalibrate: no batch reached batch-norm {which} (the forward did not call "
+                      f"{'it' if len(names) == 1 else 'them'}); {'its' if len(names) == 1 else 'their'} running "
+                      "statistics were kept.", UserWarning, stacklevel=2)
     return model
+
+
+def _layer(name: str, module: nn.Module) -> str:
+    """A batch norm as messages name it: ``layer '1' (BatchNorm1d)``, or the model itself for the root."""
+    kind = type(module).__name__
+    return f"layer {name!r} ({kind})" if name else f"the model itself (a {kind})"
 
 
 def _recorder(accumulator: _Accumulator):
