@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 import normkit
+from normkit.nn._torch_compat import with_bias
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Case:
         """Our module and torch's with identical, non-trivial parameters and buffers."""
         ours = self.ours(*self.args, **self.kwargs)
         torch_kwargs = {k: v for k, v in self.kwargs.items() if k not in ("running_var", "nonfinite")}
-        theirs = self.reference(*self.args, **torch_kwargs)
+        theirs = with_bias(self.reference)(*self.args, **torch_kwargs)  # torch 2.11: bias= backported
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for tensor in ours.parameters():

@@ -18,7 +18,9 @@ def test_version(capsys):
 )
 def test_usage_errors_exit_2(argv, capsys):
     assert main(argv) == 2
-    assert "usage: normkit" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("normkit") and ": error: " in err and "--help'" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_python_dash_m_help():

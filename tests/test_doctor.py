@@ -79,7 +79,7 @@ def test_small_batch(bn):
     (finding,) = report.findings
     assert (finding.rule, finding.module, finding.severity) == ("small-batch", "1", "warning")
     assert "batch of 4" in finding.message
-    assert "GroupNorm(8, 8)" in finding.fix and "largest of 32/16/8/4/2/1" in finding.fix
+    assert "GroupNorm(2, 8)" in finding.fix and "largest of 32/16/8/4/2/1" in finding.fix  # >= 4 channels a group
     assert rules_of(doctor(cnn(bn), x2d(n=8))) == set()
     assert rules_of(doctor(cnn(bn).eval(), x2d(n=4))) == set()  # eval uses the running statistics
     features = nn.Sequential(nn.Linear(5, 6, bias=False), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
@@ -324,9 +324,9 @@ def test_fix_converts_to_group_norm_only_when_asked():
     assert isinstance(model[1], nn.BatchNorm2d) and report.changes == []
     report = doctor(model, x2d(n=2), fix=True, convert_small_batch=True)
     assert isinstance(model[1], nn.GroupNorm)
-    assert (model[1].num_groups, model[1].num_channels) == (8, 8)
+    assert (model[1].num_groups, model[1].num_channels) == (2, 8)
     assert torch.equal(model[1].weight, torch.full((8,), 2.0))
-    assert report.changes == ["1: replaced by GroupNorm(8, 8) with γ/β copied"]
+    assert report.changes == ["1: replaced by GroupNorm(2, 8) with γ/β copied"]
     assert doctor(model, x2d(n=2)).ok
 
 

@@ -58,7 +58,10 @@ def test_module_factory_and_trusted_checkpoint(tmp_path):
     assert json.loads(done.stdout)["findings"] == []
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8, momentum=0.9)).eval()
     torch.save(model, tmp_path / "model.pt")
-    done = normkit("doctor", str(tmp_path / "model.pt"), "--json")
+    refused = normkit("doctor", str(tmp_path / "model.pt"), "--json")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert "--unsafe-load" in refused.stderr and "Traceback" not in refused.stderr
+    done = normkit("doctor", str(tmp_path / "model.pt"), "--json", "--unsafe-load")
     assert done.returncode == 1
     assert "weights_only=False" in done.stderr and "trust" in done.stderr
     report = json.loads(done.stdout)
@@ -81,7 +84,8 @@ def test_module_factory_and_trusted_checkpoint(tmp_path):
 def test_usage_errors_exit_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "usage:" in err and message in err
+    assert err.startswith("normkit doctor: error: ") and message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_a_failing_factory_is_a_usage_error(tmp_path, capsys):
@@ -93,4 +97,4 @@ def test_a_failing_factory_is_a_usage_error(tmp_path, capsys):
 def test_state_dict_checkpoint_is_a_usage_error(tmp_path, capsys):
     torch.save(torch.nn.BatchNorm1d(3).state_dict(), tmp_path / "weights.pt")
     assert main(["doctor", str(tmp_path / "weights.pt")]) == 2
-    assert "a state_dict needs its model" in capsys.readouterr().err
+    assert "a state dict needs its model" in capsys.readouterr().err

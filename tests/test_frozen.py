@@ -11,6 +11,7 @@ import torch
 
 import normkit
 from normkit.nn import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from normkit.nn._torch_compat import build
 
 from helpers import assert_close
 
@@ -25,7 +26,7 @@ IDS = ["1d-2D", "1d-3D", "2d", "3d"]
 
 def _random_bn(bn_class, eps=1e-5, seed=0, **kwargs):
     gen = torch.Generator().manual_seed(seed)
-    bn = bn_class(5, eps=eps, **kwargs)
+    bn = build(bn_class, 5, eps=eps, **kwargs)  # torch 2.11: bias= backported
     with torch.no_grad():
         if bn.weight is not None:
             bn.weight.copy_(torch.rand(5, generator=gen) + 0.5)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from normkit.functional.group_norm import group_norm
 from normkit.functional.instance_norm import instance_norm
 from normkit.functional.layer_norm import layer_norm
+from normkit.nn._torch_compat import with_bias
 from normkit.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from normkit.nn.normalization import GroupNorm, LayerNorm
 
@@ -241,7 +242,7 @@ MODULES = [
 
 @pytest.mark.parametrize("ours_cls,torch_cls,args,kwargs,shape", MODULES)
 def test_module_matches_torch(ours_cls, torch_cls, args, kwargs, shape):
-    ours, theirs = ours_cls(*args, **kwargs), torch_cls(*args, **kwargs)
+    ours, theirs = ours_cls(*args, **kwargs), with_bias(torch_cls)(*args, **kwargs)  # torch 2.11: bias= backported
     assert isinstance(ours, torch_cls)
     assert repr(ours) == repr(theirs)
     assert list(ours.state_dict()) == list(theirs.state_dict())

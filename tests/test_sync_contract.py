@@ -8,6 +8,7 @@ import torch
 
 import normkit
 import test_contract as contract
+from normkit.nn._torch_compat import build
 
 from registry import Case
 
@@ -76,7 +77,7 @@ def test_constructor_is_torchs_plus_the_normkit_options():
     assert (bn.eps, bn.momentum, bn.process_group, bn.weight.dtype, bn.bias) == (1e-3, 0.2, group, torch.float64, None)
     assert repr(bn).endswith("running_var='biased', nonfinite='propagate')")
     assert "process_group" not in repr(bn)
-    assert list(bn.state_dict()) == list(torch.nn.SyncBatchNorm(4, bias=False).state_dict())
+    assert list(bn.state_dict()) == list(build(torch.nn.SyncBatchNorm, 4, bias=False).state_dict())
     with pytest.raises(ValueError, match="running_var must be one of"):
         normkit.nn.SyncBatchNorm(4, running_var="sample")
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from ._cli_paths import OutputPathError, prepare_dir, prepare_file
+from .diagnostics._doctor import RULES
+from .diagnostics._report import SEVERITIES
 
 
 def _positive_int(text: str) -> int:
@@ -21,17 +25,44 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class UserError(Exception):
+    """A mistake in what the user asked for (a flag, a TARGET, an output path): exit 2, one line, no traceback.
+
+    Args:
+        message: what was expected, what came, and the fix.
+        command: the command it belongs to (``"normkit doctor"``), when known where it is raised.
+    """
+
+    def __init__(self, message: str, command: str | None = None) -> None:
+        super().__init__(message)
+        self.command = command
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors raised as :class:`UserError` (one line naming the fix) instead of exiting."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}; see '{self.prog} --help'", command=self.prog)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``normkit`` command."""
-    parser = argparse.ArgumentParser(
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of a failure (user errors included)")
+    parser = _Parser(
         prog="normkit",
+        parents=[debug],
+        epilog="Exit status: 0 success, 1 error-severity findings (normkit doctor), 2 a user error (bad flag, "
+        "TARGET or output path; one line on stderr), 3 an internal error (a bug in normkit: please report it with "
+        "the --debug traceback).",
         description="Batch normalization and its family for PyTorch: exact, fast, hard to misuse.",
     )
     parser.add_argument("--version", action="version", version=f"normkit {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = commands.add_parser(
-        "demo",
+        "demo", parents=[debug],
         help="the batch-norm paper's MNIST experiment in small: a sigmoid MLP with and without batch norm",
         description="Ioffe & Szegedy's MNIST experiment (2015, Fig. 1) in small: the same MLP with 3 hidden layers "
         "of 100 sigmoid units, trained by SGD on batches of 60 with and without normkit.nn.BatchNorm1d on every "
@@ -52,28 +83,40 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     doctor = commands.add_parser(
-        "doctor",
+        "doctor", parents=[debug],
         help="check a model for the classic batch-norm mistakes (exit 1 when an error is found)",
         description="Check a model for the classic batch-norm mistakes: static rules on the module tree and, with "
         "--input-shape, dynamic rules from one forward pass on a copy (the model is never changed). Exit status: "
-        "0 no error-severity finding, 1 at least one, 2 usage error.",
+        "0 no error-severity finding, 1 at least one (after --rule), 2 a user error (bad flag, TARGET that cannot "
+        "be loaded), 3 an internal error.",
     )
     doctor.add_argument(
         "target", metavar="TARGET",
         help="path/to/file.py:factory or package.module:factory (a callable returning the model), or a checkpoint "
-        "of a full model saved with torch.save(model, path)",
+        "of a full model saved with torch.save(model, path) (needs --unsafe-load)",
     )
+    doctor.add_argument("--unsafe-load", action="store_true",
+                        help="load a checkpoint holding a pickled model with torch.load(weights_only=False), which "
+                        "runs any code embedded in the file: only for files you trust (default: weights_only=True, "
+                        "which refuses pickled objects)")
     doctor.add_argument("--input-shape", type=_shape, metavar="N,C,...",
                         help="shape of a random example input, e.g. 8,3,32,32 (enables the dynamic rules)")
     doctor.add_argument("--mode", choices=("train", "inference"),
                         help="what the model is checked for (default: its own training flag)")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    doctor.add_argument("--min-severity", choices=SEVERITIES, default="info",
+                        help="leave out findings below this severity (default: info, everything)")
+    doctor.add_argument("--rule", action="append", choices=sorted(RULES), metavar="RULE", dest="rules",
+                        help="report only this rule (repeatable); the exit status follows what is reported. Rules: "
+                        + ", ".join(sorted(RULES)))
+    doctor.add_argument("--summary", action="store_true",
+                        help="one line per rule that fired (severity, rule, count, layers) and the verdict")
     doctor.set_defaults(handler=_doctor)
 
     from .experiments._harness import EXPERIMENTS, MIN_SEEDS
 
     experiment = commands.add_parser(
-        "experiment",
+        "experiment", parents=[debug],
         help="rerun one of the article's claims on real data (or 'all'): JSON, PNG and markdown per experiment",
         description="Run one experiment (or all of them) over several seeds and write NAME.json (every number and "
         "the exact configuration), NAME.png and NAME.md into --out. Experiments: " + ", ".join(EXPERIMENTS) + ".",
@@ -102,109 +145,49 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-class _UsageError(Exception):
-    """A TARGET that cannot be turned into a model."""
-
-
-def _load_target(target: str):
-    import torch
-
-    path = Path(target)
-    if path.is_file():
-        return _load_checkpoint(path, torch)
-    source, colon, name = target.rpartition(":")
-    if not colon or not source or not name:
-        raise _UsageError(f"TARGET: expected path/to/file.py:factory, package.module:factory or an existing "
-                          f"checkpoint file, got {target!r}")
-    factory = _import_attribute(source, name)
-    if not callable(factory):
-        raise _UsageError(f"TARGET: expected {name!r} in {source} to be a callable returning a model, got "
-                          f"{type(factory).__name__}")
-    try:
-        model = factory()
-    except Exception as exc:  # the factory's own failure: report it as a bad TARGET, not as findings (exit 1)
-        raise _UsageError(f"TARGET: {source}:{name}() raised {type(exc).__name__}: {exc}") from exc
-    if not isinstance(model, torch.nn.Module):
-        raise _UsageError(f"TARGET: expected {source}:{name}() to return an nn.Module, got {type(model).__name__}")
-    return model
-
-
-def _import_attribute(source: str, name: str):
-    import importlib
-    import importlib.util
-
-    if source.endswith(".py") or Path(source).is_file():
-        path = Path(source)
-        if not path.is_file():
-            raise _UsageError(f"TARGET: expected a Python file, {source!r} does not exist")
-        spec = importlib.util.spec_from_file_location(f"_normkit_doctor_target_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.path.insert(0, str(path.resolve().parent))  # so that the file can import its neighbours
-        try:
-            spec.loader.exec_module(module)
-        finally:
-            sys.path.remove(str(path.resolve().parent))
-    else:
-        added = str(Path.cwd()) not in sys.path
-        if added:  # as `python -m` does, so that the console script finds modules in the working directory
-            sys.path.insert(0, str(Path.cwd()))
-        try:
-            module = importlib.import_module(source)
-        except ImportError as exc:
-            raise _UsageError(
-                f"TARGET: expected an importable module {source!r}, got {type(exc).__name__}: {exc}"
-            ) from exc
-        finally:
-            if added:
-                sys.path.remove(str(Path.cwd()))
-    if not hasattr(module, name):
-        raise _UsageError(f"TARGET: expected {source} to define {name!r}; it does not")
-    return getattr(module, name)
-
-
-def _load_checkpoint(path: Path, torch):
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a full-model pickle is refused by weights_only=True; retry as trusted
-        print(f"warning: {path} is not loadable with weights_only=True (a full-model pickle); loading it with "
-              "weights_only=False, which runs code from the file: only do this for files you trust", file=sys.stderr)
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # anything torch.load raises is a bad TARGET
-            raise _UsageError(
-                f"TARGET: expected a torch checkpoint, {path} raised {type(exc).__name__}: {exc}"
-            ) from exc
-    if not isinstance(loaded, torch.nn.Module):
-        raise _UsageError(f"TARGET: expected {path} to hold a full model (torch.save(model, path)), got "
-                          f"{type(loaded).__name__} (a state_dict needs its model: pass file.py:factory instead)")
-    return loaded
-
-
 def _doctor(args: argparse.Namespace) -> int:
+    import warnings
+
     import torch
 
-    from .diagnostics import doctor
+    from .diagnostics import TargetError, doctor, load_model
 
-    try:
-        model = _load_target(args.target)
-    except _UsageError as exc:
-        print(f"usage: normkit doctor TARGET [--input-shape N,C,...] [--mode train|inference] [--json]\n"
-              f"normkit doctor: error: {exc}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            model = load_model(args.target, allow_unsafe=args.unsafe_load)
+        except TargetError as exc:
+            raise UserError(str(exc)) from exc
+    for warning in caught:
+        print(f"normkit doctor: warning: {warning.message}", file=sys.stderr)
     example = None
     if args.input_shape is not None:
         reference = next(iter((*model.parameters(), *model.buffers())), None)
         dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
         device = reference.device if reference is not None else "cpu"
         example = torch.randn(args.input_shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    report = doctor(model, example, mode=args.mode)
+    report = doctor(model, example, mode=args.mode).filter(min_severity=args.min_severity, rules=args.rules)
     if args.json:
         print(report.to_json())
+    elif args.summary:
+        print(_summary_lines(report))
     else:
         from rich.console import Console
 
         report.render(Console())
     return 0 if report.ok else 1
+
+
+def _summary_lines(report) -> str:
+    """One line per (severity, rule) that fired, worst first, then the verdict."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for finding in report.findings:
+        groups.setdefault((finding.severity, finding.rule), []).append(finding.module or "(root)")
+    lines = []
+    for (severity, rule), modules in groups.items():
+        shown = ", ".join(modules[:3]) + (f" (+{len(modules) - 3})" if len(modules) > 3 else "")
+        lines.append(f"{severity:7} {rule}: {len(modules)} finding(s): {shown}")
+    return "\n".join([*lines, report.summary()])
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -214,6 +197,10 @@ def _demo(args: argparse.Namespace) -> int:
     from .experiments.demo import ARMS, LABELS, run_demo
     from .experiments.demo_plot import plot_demo
 
+    out = _checked(prepare_dir, args.out, "--out")
+    json_path = _checked(prepare_file, args.json, "--json") if args.json is not None else out / "normkit-demo.json"
+    _checked(prepare_file, json_path, "--out")
+    _checked(prepare_file, out / "normkit-demo.png", "--out")
     console = Console()
     columns = (TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
@@ -222,11 +209,8 @@ def _demo(args: argparse.Namespace) -> int:
             steps=args.steps, seed=args.seed, dataset=args.dataset,
             progress=lambda arm, step, total: bar.update(tasks[arm], completed=step, total=total),
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.json if args.json is not None else args.out / "normkit-demo.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2) + "\n")
-    png_path = plot_demo(result, args.out / "normkit-demo.png")
+    png_path = plot_demo(result, out / "normkit-demo.png")
     console.print(_table(result))
     console.print(result["conclusion"])
     console.print(f"wrote {png_path} and {json_path} (curves, percentiles and the exact configuration)", style="dim")
@@ -274,6 +258,9 @@ def _experiment(args: argparse.Namespace) -> int:
 
     from .experiments._harness import EXPERIMENTS, Settings, report, run_experiment, write
 
+    _checked(prepare_dir, args.out, "--out")
+    if args.report is not None:
+        _checked(prepare_file, args.report, "--report")
     console = Console()
     names = EXPERIMENTS if args.name == "all" else (args.name,)
     seeds = tuple(range(args.first_seed, args.first_seed + args.seeds))
@@ -298,6 +285,13 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checked(prepare, path: Path, flag: str) -> Path:
+    try:
+        return prepare(path, flag)
+    except OutputPathError as exc:
+        raise UserError(str(exc)) from exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``normkit`` command.
 
@@ -305,12 +299,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name; ``None`` reads ``sys.argv``.
 
     Returns:
-        The exit status: 0 on success, 1 when ``normkit doctor`` finds an error-severity problem, 2 for a usage
-        error.
+        The exit status: 0 on success, 1 when ``normkit doctor`` finds an error-severity problem, 2 for a user error
+        (a bad flag, a TARGET that cannot be loaded, an output path that cannot be written: one line on stderr, the
+        traceback with ``--debug``), 3 for an internal error (a bug: one line, the traceback with ``--debug``), 130
+        when interrupted.
     """
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in arguments
     parser = build_parser()
+    command = "normkit"
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else 2
-    return args.handler(args)
+        args = parser.parse_args(arguments)
+        command = f"normkit {args.command}"
+        return args.handler(args)
+    except SystemExit as exit_:  # --help and --version
+        return exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 2
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+    except UserError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"{exc.command or command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"{command}: internal error: {type(exc).__name__}: {exc} (a bug in normkit; rerun with --debug for "
+              "the traceback and report it)", file=sys.stderr)
+        return 3

@@ -6,5 +6,6 @@ Nothing heavy is imported here: rich and matplotlib load inside the functions th
 from ._doctor import RULES, doctor
 from ._monitor import Monitor
 from ._report import SCHEMA, Finding, Report
+from ._targets import TargetError, load_model
 
-__all__ = ["RULES", "SCHEMA", "Finding", "Monitor", "Report", "doctor"]
+__all__ = ["RULES", "SCHEMA", "Finding", "Monitor", "Report", "TargetError", "doctor", "load_model"]

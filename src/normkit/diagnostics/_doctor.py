@@ -14,7 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from ..nn.normalization import GroupNorm
-from ._report import SEVERITIES, Finding, Report
+from ._report import SEVERITIES, Finding, Report, _name_list
 
 #: Rule ids (contract) with their default severity and a one-line description.
 RULES: dict[str, tuple[str, str]] = {
@@ -46,6 +46,8 @@ _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropo
 _PASS_THROUGH = (*_ACTIVATIONS, *_DROPOUTS, nn.Identity, nn.Flatten)
 _BIASED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 _GROUP_COUNTS = (32, 16, 8, 4, 2, 1)
+#: A GroupNorm suggestion keeps at least this many channels per group (fewer is InstanceNorm-like).
+_MIN_CHANNELS_PER_GROUP = 4
 
 
 def doctor(model: nn.Module, example_input=None, *, mode: str | None = None, fix: bool = False,
@@ -70,7 +72,8 @@ def doctor(model: nn.Module, example_input=None, *, mode: str | None = None, fix
             (on the copy), as a training loop would.
         fix: apply the safe fixes to ``model`` in place and list them in ``Report.changes``: drop a bias that
             a following BN cancels (its value moves into ``running_mean``, so outputs stay the same; rebuild
-            the optimizer afterwards), and ``.eval()`` the BNs found in training mode for inference.
+            the optimizer afterwards), and ``.eval()`` the BNs found in training mode for inference (the BNs
+            only: Dropout and the other modules keep their flag).
         convert_small_batch: with ``fix=True``, also replace each BN that saw a batch under 8 (and spatial
             inputs) by ``normkit.nn.GroupNorm`` with γ/β copied. This changes what the model computes.
         world_size: the number of data-parallel replicas; default: ``torch.distributed``'s world size when it
@@ -78,6 +81,13 @@ def doctor(model: nn.Module, example_input=None, *, mode: str | None = None, fix
 
     Returns:
         A :class:`Report`; ``report.ok`` is ``False`` when an error-severity finding exists.
+
+    Every module is visited once and named by its first path, as ``model.named_modules()`` does, so a module
+    registered twice (one BN shared by two branches) is one module, and a model that contains itself is checked
+    without looping. A model checked for inference whose root is in training mode (``model.eval()`` was not
+    called) gets one ``train-mode-inference`` error at the root listing its BNs in training mode, not one per BN;
+    during an inference check a BN in training mode gets no ``small-batch`` or ``sync-bn-missing`` finding (its
+    fix is ``.eval()``).
 
     Examples::
 
@@ -102,7 +112,7 @@ def doctor(model: nn.Module, example_input=None, *, mode: str | None = None, fix
 
     work = _working_copy(model)
     if mode == "train" and not model.training:
-        work.train()
+        _set_train(work)
     trace = None
     if example_input is not None:
         trace = _trace(work, example_input)
@@ -128,6 +138,41 @@ def _distributed_world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _cycle(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """A module registered inside itself: ``(path of the inner registration, that module)``, or ``None``.
+
+    An iterative depth-first search over ``named_children`` (each module expanded once), so deep or cyclic trees
+    neither recurse nor loop.
+    """
+    on_path_or_done: dict[int, bool] = {id(model): True}  # True: on the current path; False: finished
+    stack = [(model, "", iter(model.named_children()))]
+    while stack:
+        module, path, children = stack[-1]
+        for key, child in children:
+            child_path = f"{path}.{key}" if path else key
+            state = on_path_or_done.get(id(child))
+            if state is True:
+                return child_path, child
+            if state is None:
+                on_path_or_done[id(child)] = True
+                stack.append((child, child_path, iter(child.named_children())))
+                break
+        else:
+            on_path_or_done[id(module)] = False
+            stack.pop()
+    return None
+
+
+def _set_train(work: nn.Module) -> None:
+    """``work.train()``, or, when a module contains itself (``Module.train`` would recurse without end), the
+    ``training`` flag set once per module."""
+    if _cycle(work) is None:
+        work.train()  # a model's own train() override is respected
+        return
+    for module in work.modules():
+        module.training = True
 
 
 def _working_copy(model: nn.Module) -> nn.Module:
@@ -242,6 +287,10 @@ def _trace(work: nn.Module, example_input) -> _Trace:
             trace.output_producer = entry[0] if entry is not None and entry[1]() is outputs[0] else None
     except Exception as exc:  # reported as a finding, not raised
         trace.error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, RecursionError):  # the calls of a runaway recursion say nothing about the model
+            trace.calls.clear()
+            trace.producers.clear()
+            trace.order[:] = trace.order[-1:]
     finally:
         for handle in handles:
             handle.remove()
@@ -264,32 +313,42 @@ class _StaticGraph:
 
 
 def _static_graph(work: nn.Module) -> _StaticGraph:
+    """Producers from ``nn.Sequential`` order; every module named by its first path (``named_modules``)."""
     graph = _StaticGraph()
+    first_path = {id(module): name for name, module in work.named_modules()}
     for name, module in work.named_modules():
         graph.types[name] = type(module)
+    for module in work.modules():
         if isinstance(module, nn.Sequential):
-            children = [f"{name}.{child}" if name else child for child, _ in module.named_children()]
+            children = _sequence(module)  # every registration: a module shared in one Sequential comes twice
             for before, after in zip(children, children[1:], strict=False):
-                graph.producer[_first_leaf(work, after)] = _last_leaf(work, before)
-    if isinstance(work, nn.Sequential) and len(work):
-        graph.output_producer = _last_leaf(work, next(reversed([n for n, _ in work.named_children()])))
+                # the first producer found wins, like the first call in a trace
+                graph.producer.setdefault(first_path[id(_edge_leaf(after, last=False))],
+                                          first_path[id(_edge_leaf(before, last=True))])
+    if isinstance(work, nn.Sequential) and _sequence(work):
+        graph.output_producer = first_path[id(_edge_leaf(work, last=True))]
     return graph
 
 
-def _first_leaf(work: nn.Module, name: str) -> str:
-    module = work.get_submodule(name)
-    while isinstance(module, nn.Sequential) and len(module):
-        first = next(n for n, _ in module.named_children())
-        name, module = f"{name}.{first}", module.get_submodule(first)
-    return name
+def _sequence(module: nn.Sequential) -> list[nn.Module]:
+    """The modules a Sequential runs, in order (``iter(Sequential)`` yields every registration, duplicates too)."""
+    return [child for child in module if child is not None]
 
 
-def _last_leaf(work: nn.Module, name: str) -> str:
-    module = work.get_submodule(name)
-    while isinstance(module, nn.Sequential) and len(module):
-        last = [n for n, _ in module.named_children()][-1]
-        name, module = f"{name}.{last}", module.get_submodule(last)
-    return name
+def _edge_leaf(module: nn.Module, *, last: bool) -> nn.Module:
+    """The first (or last) module that runs inside ``module``, descending through nested Sequentials; a Sequential
+    that contains itself stops the descent where the cycle closes."""
+    seen = {id(module)}
+    while isinstance(module, nn.Sequential):
+        children = _sequence(module)
+        if not children:
+            break
+        child = children[-1] if last else children[0]
+        if id(child) in seen:
+            break
+        seen.add(id(child))
+        module = child
+    return module
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,20 +368,36 @@ def _bns(names: dict[str, nn.Module]) -> Iterator[tuple[str, _BatchNorm]]:
 def _rule_train_mode_inference(work, names, mode, graph, trace, world_size):
     if mode != "inference":
         return
-    for name, bn in _bns(names):
-        if bn.training:
-            yield _finding(
-                "train-mode-inference", name,
-                f"{type(bn).__name__} is in training mode but the model is checked for inference: it normalizes "
-                "with the statistics of each batch (outputs depend on the batch) and updates its running statistics.",
-                "call model.eval() before inference (it also turns off Dropout); fix=True sets eval on this BN",
-            )
+    training = [(name, bn) for name, bn in _bns(names) if bn.training]
+    if training and work.training:  # model.eval() was not called: one finding at the root, not one per BN
+        count = len(training)
+        they = ("these BNs normalize", "update their", "these BNs") if count > 1 else ("it normalizes", "updates its",
+                                                                                      "this BN")
+        yield _finding(
+            "train-mode-inference", "",
+            f"{count} BatchNorm layer{'s' if count > 1 else ''} in training mode: "
+            f"{_name_list([name or '(root)' for name, _ in training])}. The model itself is in training mode "
+            f"(model.eval() was not called) but is checked for inference: {they[0]} with the statistics of each "
+            f"batch (outputs depend on the batch) and {they[1]} running statistics.",
+            f"call model.eval() before inference (it also turns off Dropout); fix=True sets eval on {they[2]}",
+        )
+        return
+    for name, bn in training:  # the model is in eval mode but these BNs were put back to training mode
+        yield _finding(
+            "train-mode-inference", name,
+            f"{type(bn).__name__} is in training mode although the model is in eval mode and is checked for "
+            "inference (a .train() on it after model.eval()?): it normalizes with the statistics of each batch "
+            "(outputs depend on the batch) and updates its running statistics.",
+            "call model.eval() last, after any .train() on a submodule; fix=True sets eval on this BN",
+        )
 
 
 def _rule_small_batch(work, names, mode, graph, trace, world_size):
     if trace is None:
         return
     for name, bn in _bns(names):
+        if mode == "inference" and bn.training:
+            continue  # train-mode-inference explains it, and its fix is .eval(), not GroupNorm
         calls = [c for c in trace.calls.get(name, []) if c.training and c.shape]
         if not calls:
             continue
@@ -335,7 +410,8 @@ def _rule_small_batch(work, names, mode, graph, trace, world_size):
         channel_rank = max(1, len(calls[0].shape) - 2)
         if len(calls[0].shape) > 2:
             norm = (f"normkit.nn.GroupNorm({groups}, {channels}) ({groups} group(s): the largest of 32/16/8/4/2/1 "
-                    f"dividing {channels}; fix=True, convert_small_batch=True converts it)")
+                    f"dividing {channels} with at least {_MIN_CHANNELS_PER_GROUP} channels per group; fix=True, "
+                    "convert_small_batch=True converts it)")
         else:  # (N, C) features: GroupNorm over a few features of one sample is not a remedy
             norm = f"torch.nn.LayerNorm({channels}) (the input is (N, C) features)"
         yield _finding(
@@ -523,8 +599,8 @@ def _rule_sync_bn_missing(work, names, mode, graph, trace, world_size):
     if trace is None or world_size <= 1:
         return
     for name, bn in _bns(names):
-        if isinstance(bn, nn.SyncBatchNorm):
-            continue
+        if isinstance(bn, nn.SyncBatchNorm) or (mode == "inference" and bn.training):
+            continue  # a BN in training mode during an inference check: train-mode-inference explains it
         calls = [c for c in trace.calls.get(name, []) if c.training and c.shape]
         if calls and calls[0].shape[0] < SYNC_MIN_BATCH:
             batch = calls[0].shape[0]
@@ -541,8 +617,10 @@ def _rule_bn_effect_removed(work, names, mode, graph, trace, world_size):
     for name, module in names.items():
         if not isinstance(module, (_BatchNorm, _InstanceNorm)):
             continue
-        producer = graph.producer_of(name)
-        while producer is not None and issubclass(graph.types.get(producer, object), nn.Identity):
+        producer, seen = graph.producer_of(name), {name}
+        while (producer is not None and producer not in seen  # a shared Identity can make the producers circular
+               and issubclass(graph.types.get(producer, object), nn.Identity)):
+            seen.add(producer)
             producer = graph.producer_of(producer)
         if producer is not None and issubclass(graph.types.get(producer, object), _BatchNorm):
             yield _finding(
@@ -556,12 +634,23 @@ def _rule_bn_effect_removed(work, names, mode, graph, trace, world_size):
 def _rule_forward_failed(work, names, mode, graph, trace, world_size):
     if trace is not None and trace.error is not None:
         where = trace.order[-1] if trace.order else ""
+        recursion = trace.error.startswith("RecursionError")
+        seen = ("dynamic rules were skipped (a runaway recursion's calls say nothing)" if recursion
+                else "dynamic rules saw only the modules before it")
+        fix = ("fix what the error names: often the example input (shape, dtype, device; a BN in training needs "
+               "more than one value per channel), otherwise the model (see the other findings)")
+        cycle = _cycle(work) if recursion else None
+        if cycle is not None:
+            inner, module = cycle
+            first = next(name for name, m in names.items() if m is module)
+            fix = (f"the model contains itself: {inner!r} is the module {first or '(root)'!r}, so its forward calls "
+                   "itself without end; remove that registration, or keep the reference outside the module tree "
+                   "(a plain list or a weakref is not registered as a submodule)")
         yield _finding(
             "forward-failed", where,
             f"the forward pass on the example input raised {trace.error} (last module entered: {where or 'none'}); "
-            "dynamic rules saw only the modules before it, 'feeds' comes from nn.Sequential order.",
-            "fix what the error names: often the example input (shape, dtype, device; a BN in training needs more "
-            "than one value per channel), otherwise the model (see the other findings)",
+            f"{seen}, 'feeds' comes from nn.Sequential order.",
+            fix,
         )
 
 
@@ -573,7 +662,15 @@ _RULES = (
 
 
 def _group_count(channels: int) -> int:
-    return next(g for g in _GROUP_COUNTS if channels % g == 0)
+    """The GroupNorm group count suggested for ``channels``: the largest of 32/16/8/4/2/1 dividing ``channels``
+    with at least 4 channels per group (1 for fewer than 8 channels).
+
+    Examples::
+
+        >>> [_group_count(c) for c in (3, 8, 12, 64, 256)]
+        [1, 2, 2, 16, 32]
+    """
+    return next((g for g in _GROUP_COUNTS if channels % g == 0 and channels // g >= _MIN_CHANNELS_PER_GROUP), 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -587,14 +684,28 @@ def _apply_fixes(model: nn.Module, report: Report, graph, trace: _Trace | None, 
         if finding.rule == "bias-before-bn":
             done = _drop_bias(model, finding.module, graph)
         elif finding.rule == "train-mode-inference":
-            model.get_submodule(finding.module).eval()
-            done = f"{finding.module}: set to eval mode"
+            done = _set_eval(model, finding.module)
         elif finding.rule == "small-batch" and convert_small_batch:
             done = _to_group_norm(model, finding.module, trace)
         if done is not None:
             report.changes.append(done)
         fixed.append(replace(finding, fixed=done is not None))
     report.findings[:] = fixed
+
+
+def _set_eval(model: nn.Module, name: str) -> str:
+    """``.eval()`` the flagged BN, or, for the root finding, every BN in training mode (the BNs only)."""
+    module = model.get_submodule(name)
+    if isinstance(module, _BatchNorm):
+        module.eval()
+        return f"{name or '(root)'}: set to eval mode"
+    bns = [(bn_name, bn) for bn_name, bn in model.named_modules() if isinstance(bn, _BatchNorm) and bn.training]
+    for _, bn in bns:
+        bn.eval()
+    count = len(bns)
+    return (f"{', '.join(bn_name for bn_name, _ in bns)}: set to eval mode ({count} BatchNorm "
+            f"layer{'s' if count != 1 else ''}; the other modules, Dropout included, keep their flag: call "
+            "model.eval())")
 
 
 def _drop_bias(model: nn.Module, layer_name: str, graph) -> str | None:
@@ -627,6 +738,10 @@ def _to_group_norm(model: nn.Module, bn_name: str, trace: _Trace | None) -> str 
     if reference is not None:
         gn = gn.to(device=reference.device, dtype=_module_dtype(bn))
     gn.train(bn.training)
-    parent_name, _, child = bn_name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, gn)
-    return f"{bn_name}: replaced by GroupNorm({groups}, {bn.num_features}) with γ/β copied"
+    # every registration of the BN (a shared BN stays shared); _modules, not named_children, which skips
+    # a module registered twice in one parent
+    slots = [(parent, key) for parent in model.modules() for key, child in parent._modules.items() if child is bn]
+    for parent, key in slots:
+        setattr(parent, key, gn)
+    where = f" (at {len(slots)} places, shared)" if len(slots) > 1 else ""
+    return f"{bn_name}: replaced by GroupNorm({groups}, {bn.num_features}) with γ/β copied{where}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -98,8 +99,81 @@ class Report:
         """The report as JSON: ``schema``, ``mode``, ``dynamic``, ``ok``, ``counts``, ``findings``, ``changes``."""
         return json.dumps(self.to_dict(), indent=indent)
 
+    def groups(self) -> list[tuple[str, str, list[Finding]]]:
+        """The findings grouped by ``(severity, rule)``, in report order (worst first, then module order).
+
+        Returns:
+            A list of ``(severity, rule, findings)``; every finding is in exactly one group.
+
+        Examples::
+
+            >>> report = Report([Finding("bn-after-dropout", "warning", m, "msg", "fix") for m in ("a", "b")])
+            >>> [(severity, rule, len(findings)) for severity, rule, findings in report.groups()]
+            [('warning', 'bn-after-dropout', 2)]
+        """
+        groups: dict[tuple[str, str], list[Finding]] = {}
+        for finding in self.findings:
+            groups.setdefault((finding.severity, finding.rule), []).append(finding)
+        return [(severity, rule, findings) for (severity, rule), findings in groups.items()]
+
+    def filter(self, min_severity: str | None = None, rules: Iterable[str] | None = None) -> Report:
+        """A new report with the findings at or above ``min_severity`` whose rule is in ``rules``.
+
+        Args:
+            min_severity: ``"error"``, ``"warning"`` or ``"info"`` (severities order error > warning > info);
+                default ``None`` keeps every severity.
+            rules: rule ids from :data:`normkit.diagnostics.RULES` (one id as a string works too); default
+                ``None`` keeps every rule.
+
+        Returns:
+            A :class:`Report` with the same ``mode``, ``dynamic`` and ``changes``; ``ok`` and the counts follow the
+            findings that are kept.
+
+        Raises:
+            ValueError: an unknown severity or rule id (the message lists the valid ones).
+
+        Examples::
+
+            >>> report = Report([Finding("bias-before-bn", "info", "0", "msg", "fix"),
+            ...                  Finding("small-batch", "warning", "1", "msg", "fix")])
+            >>> [f.rule for f in report.filter(min_severity="warning").findings]
+            ['small-batch']
+            >>> [f.rule for f in report.filter(rules=["bias-before-bn"]).findings]
+            ['bias-before-bn']
+        """
+        from ._doctor import RULES  # a lazy import: _doctor imports this module
+
+        keep_severities = set(SEVERITIES)
+        if min_severity is not None:
+            if min_severity not in SEVERITIES:
+                raise ValueError(f"Report.filter: expected min_severity in {list(SEVERITIES)} or None, got "
+                                 f"{min_severity!r}")
+            keep_severities = set(SEVERITIES[: SEVERITIES.index(min_severity) + 1])
+        keep_rules = None
+        if rules is not None:
+            keep_rules = {rules} if isinstance(rules, str) else set(rules)
+            unknown = sorted(keep_rules - set(RULES), key=str)
+            if unknown:
+                raise ValueError(f"Report.filter: expected rule ids from normkit.diagnostics.RULES "
+                                 f"({', '.join(RULES)}), got unknown {', '.join(map(repr, unknown))}")
+        findings = [f for f in self.findings
+                    if f.severity in keep_severities and (keep_rules is None or f.rule in keep_rules)]
+        return Report(findings=findings, mode=self.mode, dynamic=self.dynamic, changes=list(self.changes))
+
+    def summary(self) -> str:
+        """One line: the verdict and the counts, e.g. ``"FAILED: 1 error(s), 2 warning(s), 0 info"``.
+
+        Examples::
+
+            >>> Report().summary()
+            'OK: 0 error(s), 0 warning(s), 0 info'
+        """
+        counts = self.to_dict()["counts"]
+        verdict = "OK" if self.ok else "FAILED"
+        return f"{verdict}: {counts['error']} error(s), {counts['warning']} warning(s), {counts['info']} info"
+
     def __rich_console__(self, console, options):
-        """A table on consoles 120 columns wide or more, one block per finding on narrower ones."""
+        """A table on consoles 120 columns wide or more, one block per group of findings on narrower ones."""
         from rich.padding import Padding
         from rich.table import Table
         from rich.text import Text
@@ -112,29 +186,33 @@ class Report:
             return
         if options.max_width < 120:
             yield Text(f"normkit doctor: checked for {self.mode}; {checks}", style="bold")
-            for f in self.findings:
-                yield Text.assemble((f"{f.severity:8}", styles[f.severity]), (f.rule, "bold"),
-                                    f"  [{f.module or '(root)'}]")
-                yield Padding(Text(f.message), (0, 0, 0, 9))
-                yield Padding(Text(f"fix{' (applied)' if f.fixed else ''}: {f.fix}", style="dim"), (0, 0, 0, 9))
-            yield Text(self._summary(), style="bold red" if not self.ok else "bold")
+            for severity, rule, findings in self.groups():
+                where = _where(findings)
+                yield Text.assemble((f"{severity:8}", styles[severity]), (rule, "bold"),
+                                    f"  [{where}]" if len(findings) == 1 else f": {where}")
+                yield Padding(Text(_message(findings)), (0, 0, 0, 9))
+                yield Padding(Text(f"{_fix_label(findings)}: {_fix(findings)}", style="dim"), (0, 0, 0, 9))
+            yield Text(self.summary(), style="bold red" if not self.ok else "bold")
             return
         table = Table(title=f"normkit doctor: checked for {self.mode}; {checks}", show_lines=True,
-                      caption=self._summary())
+                      caption=self.summary())
         table.add_column("severity", no_wrap=True)
         table.add_column("rule", no_wrap=True)
         table.add_column("module", overflow="fold")
         table.add_column("problem", ratio=3)
         table.add_column("fix", ratio=2)
-        for f in self.findings:
-            fix = f"[fixed] {f.fix}" if f.fixed else f.fix
-            table.add_row(Text(f.severity, style=styles[f.severity]), f.rule, f.module or "(root)", Text(f.message),
+        for severity, rule, findings in self.groups():
+            fixed = sum(f.fixed for f in findings)
+            mark = "" if not fixed else "[fixed] " if fixed == len(findings) else f"[fixed {fixed} of {len(findings)}] "
+            fix = f"{mark}{_fix(findings)}"
+            table.add_row(Text(severity, style=styles[severity]), rule, _where(findings), Text(_message(findings)),
                           Text(fix))
         yield table
 
     def render(self, console=None) -> None:
         """Print the report with rich (to ``console``, default a new stdout console): a table when it is 120 columns
-        wide or more, one block per finding otherwise."""
+        wide or more, one block per group of findings otherwise. Findings of one severity and rule form one group
+        (one row) naming the layers; :meth:`to_json` keeps every finding."""
         if console is None:
             from rich.console import Console
 
@@ -143,15 +221,60 @@ class Report:
         for change in self.changes:
             console.print(f"changed: {change}")
 
-    def _summary(self) -> str:
-        counts = self.to_dict()["counts"]
-        verdict = "OK" if self.ok else "FAILED"
-        return f"{verdict}: {counts['error']} error(s), {counts['warning']} warning(s), {counts['info']} info"
-
     def __str__(self) -> str:
-        lines = [f"normkit doctor ({self.mode}, {'dynamic' if self.dynamic else 'static'}): {self._summary()}"]
-        for f in self.findings:
-            lines.append(f"{f.severity:7} {f.rule} [{f.module or '(root)'}] {f.message}")
-            lines.append(f"        fix{' (applied)' if f.fixed else ''}: {f.fix}")
+        """Plain text: the summary line, then one block per ``(severity, rule)`` group, then the changes."""
+        lines = [f"normkit doctor ({self.mode}, {'dynamic' if self.dynamic else 'static'}): {self.summary()}"]
+        for severity, rule, findings in self.groups():
+            if len(findings) == 1:
+                lines.append(f"{severity:7} {rule} [{_where(findings)}] {_message(findings)}")
+            else:
+                lines.append(f"{severity:7} {rule}: {_where(findings)}")
+                lines.append(f"        {_message(findings)}")
+            lines.append(f"        {_fix_label(findings)}: {_fix(findings)}")
         lines.extend(f"changed: {change}" for change in self.changes)
         return "\n".join(lines)
+
+
+#: How many module names a group's header shows before "(+N)".
+SHOWN_NAMES = 3
+
+
+def _name(finding: Finding) -> str:
+    return finding.module or "(root)"
+
+
+def _name_list(names: list[str], shown: int = SHOWN_NAMES) -> str:
+    """``"a, b, c"``, or ``"a, b, c (+2)"`` past ``shown`` names."""
+    more = f" (+{len(names) - shown})" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _where(findings: list[Finding]) -> str:
+    """``"a"`` for one finding, ``"3 layers: a, b, c"`` or ``"5 layers: a, b, c (+2)"`` for a group."""
+    if len(findings) == 1:
+        return _name(findings[0])
+    return f"{len(findings)} layers: {_name_list([_name(f) for f in findings])}"
+
+
+def _message(findings: list[Finding]) -> str:
+    """The message once when the group agrees, else the first one as an example."""
+    first = findings[0]
+    if all(f.message == first.message for f in findings):
+        return first.message
+    return f"e.g. [{_name(first)}]: {first.message}"
+
+
+def _fix(findings: list[Finding]) -> str:
+    first = findings[0]
+    if all(f.fix == first.fix for f in findings):
+        return first.fix
+    return f"e.g. [{_name(first)}]: {first.fix}"
+
+
+def _fix_label(findings: list[Finding]) -> str:
+    fixed = sum(f.fixed for f in findings)
+    if fixed == 0:
+        return "fix"
+    if fixed == len(findings):
+        return "fix (applied)"
+    return f"fix (applied to {fixed} of {len(findings)})"
