@@ -13,7 +13,7 @@ import torch
 def batch_norm_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *,
                      channel_dim: int = 1, activation: str | None = None, residual: torch.Tensor | None = None):
     """Training batch norm on Triton: ``(y, mean, biased_var)``; see
-    :func:`normkit.kernels._batch_norm.batch_norm_train`."""
+    ``normkit.kernels._batch_norm.batch_norm_train``."""
     from ._batch_norm import batch_norm_train as impl
 
     return impl(x, weight, bias, eps, channel_dim=channel_dim, activation=activation, residual=residual)
@@ -22,7 +22,7 @@ def batch_norm_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
 def batch_norm_eval(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
                     weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *, channel_dim: int = 1,
                     activation: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """Evaluation batch norm on Triton: ``y``; see :func:`normkit.kernels._batch_norm.batch_norm_eval`."""
+    """Evaluation batch norm on Triton: ``y``; see ``normkit.kernels._batch_norm.batch_norm_eval``."""
     from ._batch_norm import batch_norm_eval as impl
 
     return impl(x, running_mean, running_var, weight, bias, eps, channel_dim=channel_dim, activation=activation,
