@@ -50,6 +50,12 @@ class _BatchNormActMixin:
                 "it first; nothing was changed."
             )
 
+    def _add_residual_and_act(self, z: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """``act(z + residual)`` written into ``z``, a fresh output of the norm (torchvision's in-place block)."""
+        if residual is not None:
+            z = z.add_(residual)
+        return _INPLACE_ACTIVATIONS[self.act](z)
+
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input_dim(input)
         self._check_residual(input, residual)
@@ -61,9 +67,7 @@ class _BatchNormActMixin:
         else:  # torchvision's block: the norm, then the residual added and the activation applied in place
             z = batch_norm(input, running_mean, running_var, self.weight, self.bias, uses_batch_stats, momentum,
                            self.eps, running_var_mode=self.running_var_mode, nonfinite=self.nonfinite)
-            if residual is not None:
-                z = z.add_(residual)
-            output = _INPLACE_ACTIVATIONS[self.act](z)
+            output = self._add_residual_and_act(z, residual)
         if self._tracks_this_call():  # only after a call that succeeded: a failed call changes nothing
             self.num_batches_tracked.add_(1)
         return output

@@ -8,7 +8,7 @@ import copy
 import torch
 
 from . import _scripting
-from .batchnorm_act import _INPLACE_ACTIVATIONS, ACTIVATIONS, _BatchNormActMixin
+from .batchnorm_act import ACTIVATIONS, _BatchNormActMixin
 from .frozen import (
     FrozenBatchNorm,
     FrozenBatchNorm1d,
@@ -31,10 +31,7 @@ class _FrozenActMixin:
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         _BatchNormActMixin._check_residual(self, input, residual)
-        output = super().forward(input)  # a new tensor: the residual and the activation may write into it
-        if residual is not None:
-            output = output.add_(residual)
-        return _INPLACE_ACTIVATIONS[self.act](output)
+        return _BatchNormActMixin._add_residual_and_act(self, super().forward(input), residual)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", act={self.act!r}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import _scripting
-from .batchnorm_act import _INPLACE_ACTIVATIONS, _BatchNormActMixin
+from .batchnorm_act import _BatchNormActMixin
 from .syncbatchnorm import SyncBatchNorm
 
 
@@ -52,10 +52,7 @@ class SyncBatchNormAct(SyncBatchNorm):
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         _BatchNormActMixin._check_residual(self, input, residual)  # before the collectives: nothing changes
-        output = super().forward(input)  # a new tensor: the residual and the activation may write into it
-        if residual is not None:
-            output = output.add_(residual)
-        return _INPLACE_ACTIVATIONS[self.act](output)
+        return _BatchNormActMixin._add_residual_and_act(self, super().forward(input), residual)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", act={self.act!r}"
