@@ -9,7 +9,7 @@ import torch
 
 @dataclass(frozen=True)
 class Split:
-    """A train/test split of a classification dataset.
+    """A train/test split of a classification dataset, optionally with a validation part.
 
     Args:
         x_train: ``(N_train, D)`` float32 features.
@@ -18,6 +18,9 @@ class Split:
         y_test: ``(N_test,)`` int64 class labels.
         image_shape: ``(H, W)`` when each row of ``x`` is a flattened image (``(8, 8)`` for the digits), ``None``
             for other data (MNIST-1D).
+        x_val, y_val: a validation part carved from the training data by :func:`normkit.data.with_validation`
+            (``None`` until then): every choice (learning rate, optimizer, epochs) is made on it, the test part only
+            reports.
     """
 
     x_train: torch.Tensor
@@ -25,6 +28,13 @@ class Split:
     x_test: torch.Tensor
     y_test: torch.Tensor
     image_shape: tuple[int, ...] | None = None
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether a validation part was carved (:func:`normkit.data.with_validation`)."""
+        return self.x_val is not None
 
     @property
     def num_features(self) -> int:

@@ -135,17 +135,32 @@ def write(result: dict, out: Path) -> dict[str, Path]:
     return paths
 
 
+METHOD = ("**How to read the numbers.** Tables give mean ± standard deviation over the seeds. Every choice (a "
+          "learning rate per arm, an optimizer, a step count) is made on a validation part held out from the "
+          "training data (each JSON's `\"validation\"` key says which); the test part only reports. A comparison is "
+          "the mean of the per-seed paired differences with its 95 % confidence interval (Student t): an arm wins "
+          "only when the interval excludes zero; otherwise we write \"no difference detected\", which with a few "
+          "seeds is not evidence of no effect. The runs use one torch thread and fixed seeds, so a rerun on the same "
+          "machine gives the same numbers; on another CPU the floating-point reductions differ in the last bits, "
+          "training amplifies that, and the last printed digit can change (e.g. a ratio 6.5 ± 1.1 became "
+          "6.8 ± 0.9): read the confidence intervals, not the third digit.")
+
+
 def report(results: list[dict], out: Path, path: Path, total_s: float) -> None:
     """The combined report (``docs/RESULTS.md``): a claims-vs-measured overview, then every experiment's section,
     with figure links relative to ``path``."""
     relative = Path(os.path.relpath(out, path.parent))
     first = results[0]
-    lines = ["# Results: what the article claims, what we measured", "",
-             f"Every number below comes from `normkit experiment all --seeds {len(first['seeds'])} --out {out} "
-             f"--report {path}` ({total_s / 60:.1f} min in all on {first['machine']['cpu_count']} CPU cores, "
-             f"{first['machine']['processor']}, torch {first['machine']['torch']}, {first['date']}); each figure's "
-             "JSON beside it holds every number and the exact configuration. Means ± standard deviations over the "
-             "seeds.", "", "| experiment | what the article claims | what we measured | time |", "|---|---|---|---|"]
+    rerun = command("all", Settings(quick=first["quick"], seeds=tuple(first["seeds"])))
+    lines = ["# Results: what the article claims, what we measured", ""]
+    if first["quick"]:
+        lines += ["**Quick run (`--quick`): tiny step counts and sweeps to exercise the code; these numbers support "
+                  "no conclusion.**", ""]
+    lines += [f"Every number below comes from `{rerun} --out {out} --report {path}` ({total_s / 60:.1f} min in all on "
+              f"{first['machine']['cpu_count']} CPU cores, {first['machine']['processor']}, torch "
+              f"{first['machine']['torch']}, {first['date']}); each figure's JSON beside it holds every number and the "
+              "exact configuration.", "", METHOD, "", "| experiment | what the article claims | what we measured | "
+              "time |", "|---|---|---|---|"]
     lines += [f"| [{r['name']}](#{_anchor(r)}) | {r['claim']} | {r['measured']} | {r['elapsed_s']:.0f} s |"
               for r in results]
     lines.append("")

@@ -39,11 +39,14 @@ def curves_mean_std(curves: Sequence[Sequence[Sequence[float]]]) -> tuple[list[f
 
 
 def save(fig, path: Path, title: str | None = None) -> None:
-    """Give ``fig`` its one-message title, save it as PNG and close it."""
+    """Give ``fig`` its one-message title (wrapped to the figure's width, never clipped), save it as PNG, close it."""
+    import textwrap
+
     import matplotlib.pyplot as plt
 
     if title:
-        fig.suptitle(title)
+        characters = max(30, int(fig.get_figwidth() * 11))  # ~11 characters per inch at the default title size
+        fig.suptitle("\n".join(textwrap.wrap(title, characters)))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

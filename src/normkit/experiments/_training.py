@@ -171,11 +171,13 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, training: bo
 
 @dataclass
 class History:
-    """What one training run measured: test accuracy at the evaluated steps, and whether the loss blew up."""
+    """What one training run measured: test (and validation) accuracy at the evaluated steps, and whether the loss
+    blew up. ``val_curve`` is empty when the split has no validation part."""
 
     curve: list[list[float]] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     diverged_at: int | None = None
+    val_curve: list[list[float]] = field(default_factory=list)
 
     @property
     def final_accuracy(self) -> float:
@@ -184,23 +186,49 @@ class History:
 
     @property
     def best_accuracy(self) -> float:
-        """The highest evaluated test accuracy."""
+        """The highest evaluated test accuracy (it peeks at the test set: report it, never select with it)."""
         return max(acc for _, acc in self.curve)
 
-    def steps_to(self, target: float) -> int | None:
-        """The first evaluated step whose test accuracy is at least ``target``, else ``None``."""
-        return next((int(step) for step, acc in self.curve if acc >= target), None)
+    @property
+    def final_val_accuracy(self) -> float | None:
+        """The last evaluated validation accuracy, ``None`` without a validation part."""
+        return self.val_curve[-1][1] if self.val_curve else None
+
+    def steps_to(self, target: float, part: str = "test") -> int | None:
+        """The first evaluated step whose ``part`` (``"test"`` or ``"validation"``) accuracy is at least ``target``,
+        else ``None``."""
+        return steps_to(self.as_dict(), target, part)
 
     def as_dict(self) -> dict:
         """Plain data for JSON."""
         return {"curve": self.curve, "final_accuracy": self.final_accuracy, "best_accuracy": self.best_accuracy,
+                "val_curve": self.val_curve, "final_val_accuracy": self.final_val_accuracy,
                 "diverged_at": self.diverged_at, "final_loss": self.losses[-1] if self.losses else None}
+
+
+def steps_to(run: dict, target: float, part: str = "test") -> int | None:
+    """The first evaluated step of a run (a :meth:`History.as_dict`) whose ``part`` accuracy reaches ``target``.
+
+    Examples:
+        >>> run = {"curve": [[0, 0.1], [50, 0.95]], "val_curve": [[0, 0.1], [50, 0.85], [100, 0.92]]}
+        >>> steps_to(run, 0.9), steps_to(run, 0.9, "validation"), steps_to(run, 0.99) is None
+        (50, 100, True)
+    """
+    if part not in ("test", "validation"):
+        raise ValueError(f"steps_to: expected part 'test' or 'validation', got {part!r}.")
+    curve = run["curve"] if part == "test" else run["val_curve"]
+    return next((int(step) for step, acc in curve if acc >= target), None)
+
+
+SCHEDULES = ("constant", "cosine")
 
 
 def train(model: nn.Module, split: Split, *, steps: int, batch_size: int, lr: float, seed: int,
           optimizer: str = "sgd", momentum: float = 0.0, weight_decay: float = 0.0, eval_every: int = 25,
-          param_groups: list[dict] | None = None, on_step: Callable[[int], None] | None = None) -> History:
-    """Train ``model`` on ``split`` with cross-entropy and record the test accuracy every ``eval_every`` steps.
+          param_groups: list[dict] | None = None, on_step: Callable[[int], None] | None = None,
+          schedule: str = "constant") -> History:
+    """Train ``model`` on ``split`` with cross-entropy and record the test accuracy every ``eval_every`` steps (and
+    the validation accuracy, when the split has a validation part).
 
     The batches, the dropout masks and any other random draw during training follow ``seed`` (the global RNG state
     is restored afterwards). A non-finite loss stops the run: ``diverged_at`` is that step and the curve ends
@@ -220,6 +248,7 @@ def train(model: nn.Module, split: Split, *, steps: int, batch_size: int, lr: fl
         param_groups: optimizer parameter groups instead of ``model.parameters()`` (e.g.
             :func:`normkit.tools.param_groups`).
         on_step: called with the step number after every step (progress bars).
+        schedule: ``"constant"`` learning rate, or ``"cosine"`` decay from ``lr`` to 0 over ``steps``.
 
     Returns:
         The :class:`History`.
@@ -232,7 +261,11 @@ def train(model: nn.Module, split: Split, *, steps: int, batch_size: int, lr: fl
         opt = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
     else:
         raise ValueError(f"train: expected optimizer 'sgd' or 'adam', got {optimizer!r}.")
-    history = History(curve=[[0, accuracy(model, split.x_test, split.y_test)]])
+    if schedule not in SCHEDULES:
+        raise ValueError(f"train: expected schedule 'constant' or 'cosine', got {schedule!r}.")
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if schedule == "cosine" else None
+    history = History()
+    _evaluate(history, model, split, 0)
     model.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -241,16 +274,24 @@ def train(model: nn.Module, split: Split, *, steps: int, batch_size: int, lr: fl
             history.losses.append(loss.item())
             if not math.isfinite(history.losses[-1]):
                 history.diverged_at = step
-                history.curve.append([step, accuracy(model, split.x_test, split.y_test)])
+                _evaluate(history, model, split, step)
                 break
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if scheduler is not None:
+                scheduler.step()
             if step % eval_every == 0 or step == steps:
-                history.curve.append([step, accuracy(model, split.x_test, split.y_test)])
+                _evaluate(history, model, split, step)
             if on_step is not None:
                 on_step(step)
     return history
+
+
+def _evaluate(history: History, model: nn.Module, split: Split, step: int) -> None:
+    history.curve.append([step, accuracy(model, split.x_test, split.y_test)])
+    if split.has_validation:
+        history.val_curve.append([step, accuracy(model, split.x_val, split.y_val)])
 
 
 def mean_std(values: Sequence[float | None]) -> dict:
