@@ -87,7 +87,7 @@ def select_on_validation(values: Sequence, runs: Sequence[Sequence[dict]], targe
                          f"{len(values)} values and {len(runs)} lists.")
     scores = [validation_score(per_value, target) for per_value in runs]
     index = max(range(len(values)), key=lambda i: (scores[i], -i))
-    criterion = ("mean validation steps to {:.0%}, then final validation accuracy".format(target)
+    criterion = (f"mean validation steps to {target:.0%}, then final validation accuracy"
                  if target is not None else "mean final validation accuracy")
     return {"value": values[index], "index": index, "criterion": criterion,
             "scores": [{"value": v, "validation_steps_to_target": None if not math.isfinite(-s[0]) else -s[0],
