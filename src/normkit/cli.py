@@ -124,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("name", metavar="NAME", choices=(*EXPERIMENTS, "all"),
                             help="one of " + ", ".join(EXPERIMENTS) + ", or all")
     experiment.add_argument("--quick", action="store_true", help="tiny step counts and sweeps (seconds, for CI)")
-    experiment.add_argument("--seeds", type=_positive_int, default=MIN_SEEDS,
-                            help=f"seeds per arm (default: {MIN_SEEDS}); tables show mean ± std over them")
+    experiment.add_argument("--seeds", type=_positive_int, default=None,
+                            help=f"seeds per arm (default: each experiment's own, {MIN_SEEDS} or 8 where a seed is "
+                                 "cheap); tables show mean ± std and comparisons a 95%% CI over them")
     experiment.add_argument("--first-seed", type=int, default=0, help="the first seed (default: 0)")
     experiment.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
                             help="where NAME.json, NAME.png and NAME.md go (default: the current directory)")
@@ -263,8 +264,8 @@ def _experiment(args: argparse.Namespace) -> int:
         _checked(prepare_file, args.report, "--report")
     console = Console()
     names = EXPERIMENTS if args.name == "all" else (args.name,)
-    seeds = tuple(range(args.first_seed, args.first_seed + args.seeds))
-    if args.seeds < 3 and not args.quick:
+    seeds = None if args.seeds is None else tuple(range(args.first_seed, args.first_seed + args.seeds))
+    if args.seeds is not None and args.seeds < 3 and not args.quick:
         console.print(f"note: {args.seeds} seed(s); conclusions need at least 3 (--seeds 3).", style="yellow")
     columns = (TextColumn("{task.description:>28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     results, start = [], time.perf_counter()
@@ -274,7 +275,8 @@ def _experiment(args: argparse.Namespace) -> int:
                 task = _bar.add_task(f"{_name}: {description}", total=total)
                 return lambda done: _bar.update(task, completed=done)
 
-            result = run_experiment(name, Settings(quick=args.quick, seeds=seeds, progress=progress))
+            result = run_experiment(name, Settings(quick=args.quick, seeds=seeds, first_seed=args.first_seed,
+                                                   progress=progress))
         paths = write(result, args.out)
         results.append(result)
         console.print(Markdown(paths["md"].read_text()))

@@ -3,6 +3,7 @@
 An experiment is a module in this package with:
 
 - ``NAME`` (the command's name), ``TITLE`` (a few words) and ``CLAIM`` (what the article claims, one sentence);
+- optionally ``SEEDS``: how many seeds it runs by default (:data:`MIN_SEEDS` if absent; 8 where a seed is cheap);
 - ``run(settings) -> dict``: plain, JSON-serializable data with ``config`` (everything needed to rerun it),
   ``table`` (``{"columns": [...], "rows": [[...], ...]}``, mean ± std over the seeds), ``measured`` (one sentence
   computed from the numbers, whichever way they went) and any raw numbers (per seed) under other keys;
@@ -19,7 +20,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 
@@ -45,12 +46,15 @@ class Settings:
 
     Args:
         quick: tiny step counts and sweeps (seconds; for CI), not for conclusions.
-        seeds: the seeds; every arm runs once per seed and tables report mean ± std over them.
+        seeds: the seeds; every arm runs once per seed and tables report mean ± std over them. ``None``: the
+            experiment's own default count (its ``SEEDS``), starting at ``first_seed``.
+        first_seed: the first seed when ``seeds`` is ``None``.
         progress: ``progress(description, total)`` returns ``advance(done)``; drives a progress bar.
     """
 
     quick: bool = False
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] | None = None
+    first_seed: int = 0
     progress: ProgressFactory = field(default=_no_progress, compare=False)
 
 
@@ -72,11 +76,28 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
+def default_seeds(name: str) -> int:
+    """How many seeds experiment ``name`` runs by default (``"all"``: each its own)."""
+    return getattr(module_for(name), "SEEDS", MIN_SEEDS)
+
+
+def resolved(name: str, settings: Settings) -> Settings:
+    """``settings`` with its seeds filled in from the experiment's default when ``None``."""
+    if settings.seeds is not None:
+        return settings
+    return replace(settings, seeds=tuple(range(settings.first_seed, settings.first_seed + default_seeds(name))))
+
+
 def command(name: str, settings: Settings) -> str:
-    """The ``normkit experiment`` command line that reruns these settings."""
-    parts = ["normkit", "experiment", name, "--seeds", str(len(settings.seeds))]
-    if settings.seeds[0] != 0:
-        parts += ["--first-seed", str(settings.seeds[0])]
+    """The ``normkit experiment`` command line that reruns these settings (``--seeds`` only when they differ from
+    the experiment's default)."""
+    parts = ["normkit", "experiment", name]
+    seeds = settings.seeds
+    if seeds is not None and (name == "all" or len(seeds) != default_seeds(name)):
+        parts += ["--seeds", str(len(seeds))]
+    first = settings.first_seed if seeds is None else seeds[0]
+    if first != 0:
+        parts += ["--first-seed", str(first)]
     if settings.quick:
         parts.append("--quick")
     return " ".join(parts)
@@ -89,6 +110,7 @@ def run_experiment(name: str, settings: Settings = Settings()) -> dict:
         ValueError: an unknown name, or fewer than one seed.
     """
     module = module_for(name)
+    settings = resolved(name, settings)
     if not settings.seeds:
         raise ValueError(f"experiment {name}: expected at least one seed, got none. Pass e.g. --seeds 3.")
     start = time.perf_counter()
@@ -151,16 +173,18 @@ def report(results: list[dict], out: Path, path: Path, total_s: float) -> None:
     with figure links relative to ``path``."""
     relative = Path(os.path.relpath(out, path.parent))
     first = results[0]
-    rerun = command("all", Settings(quick=first["quick"], seeds=tuple(first["seeds"])))
+    own_defaults = all(len(r["seeds"]) == default_seeds(r["name"]) for r in results)
+    rerun = command("all", Settings(quick=first["quick"], seeds=None if own_defaults else tuple(first["seeds"]),
+                                    first_seed=first["seeds"][0]))
     lines = ["# Results: what the article claims, what we measured", ""]
     if first["quick"]:
         lines += ["**Quick run (`--quick`): tiny step counts and sweeps to exercise the code; these numbers support "
                   "no conclusion.**", ""]
     lines += [f"Every number below comes from `{rerun} --out {out} --report {path}` ({total_s / 60:.1f} min in all on "
               f"{first['machine']['cpu_count']} CPU cores, {first['machine']['processor']}, torch "
-              f"{first['machine']['torch']}, {first['date']}); each figure's JSON beside it holds every number and the "
-              "exact configuration.", "", METHOD, "", "| experiment | what the article claims | what we measured | "
-              "time |", "|---|---|---|---|"]
+              f"{first['machine']['torch']}, {first['date']}; seeds per experiment in its section); each figure's "
+              "JSON beside it holds every number and the exact configuration.", "", METHOD, "",
+              "| experiment | what the article claims | what we measured | time |", "|---|---|---|---|"]
     lines += [f"| [{r['name']}](#{_anchor(r)}) | {r['claim']} | {r['measured']} | {r['elapsed_s']:.0f} s |"
               for r in results]
     lines.append("")
