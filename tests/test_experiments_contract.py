@@ -15,8 +15,10 @@ def test_quick_run_writes_json_png_and_markdown(name, quick_experiment, tmp_path
     result = quick_experiment(name)
     paths = write(result, tmp_path)
     data = json.loads(paths["json"].read_text())
-    for key in ("schema", "name", "title", "claim", "config", "table", "measured", "seeds", "machine", "command"):
+    for key in ("schema", "name", "title", "claim", "config", "table", "measured", "seeds", "machine", "command",
+                "validation"):
         assert key in data, key
+    assert data["validation"]["examples"] > 0 and "test part only reports" in data["validation"]["used_for"]
     assert data["schema"] == SCHEMA and data["name"] == name and data["seeds"] == [0, 1] and data["quick"]
     columns, rows = data["table"]["columns"], data["table"]["rows"]
     assert rows and all(len(row) == len(columns) for row in rows)
