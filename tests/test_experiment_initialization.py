@@ -51,7 +51,8 @@ def test_reliable_range_is_the_longest_contiguous_stretch():
 
 
 def _summary(reliable, acc=0.9):
-    return {"final_accuracy": mean_std([acc, acc]), "reliable": reliable}
+    return {"final_accuracy": mean_std([acc, acc]), "final_val_accuracy": mean_std([acc, acc]), "reliable": reliable,
+            "outcomes": ["trained" if reliable else "failed"] * 2}
 
 
 def test_derive_reports_the_range_its_width_and_the_best_scale():
@@ -81,4 +82,4 @@ def test_measured_sentence_follows_the_numbers(plain, bn, expected):
     values = [0.001, 0.01, 0.1, 1.0, 10.0, 30.0]
     sentence = initialization.measured({"plain": _arm(plain), "batchnorm": _arm(bn)}, values)
     assert expected in sentence
-    assert "0.910 ± 0.014 at scale 1" in sentence
+    assert "1 (final test accuracy 0.910 ± 0.014)" in sentence

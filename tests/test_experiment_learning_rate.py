@@ -29,12 +29,15 @@ def test_quick_run_covers_every_arm(quick_result, tmp_path):
         assert len(data["runs"][arm.name]) == len(data["config"]["values"])
         assert all(len(per_seed) == len(SEEDS) for per_seed in data["runs"][arm.name])
         assert set(data["derived"][arm.name]) == {"highest_stable", "best_rate", "best_final_accuracy"}
+    assert data["validation"]["examples"] > 0 and "ci95" in data["time_to_target"]["saving"]
 
 
 
-def _summary(finals, diverged=()):
-    runs = [{"final_accuracy": acc, "best_accuracy": acc, "diverged_at": 5 if i in diverged else None,
-             "curve": [[0, 0.1], [10, acc]]} for i, acc in enumerate(finals)]
+def _summary(finals, diverged=(), val=None):
+    val = finals if val is None else val
+    runs = [{"final_accuracy": acc, "best_accuracy": acc, "final_val_accuracy": v,
+             "diverged_at": 5 if i in diverged else None,
+             "curve": [[0, 0.1], [10, acc]]} for i, (acc, v) in enumerate(zip(finals, val, strict=True))]
     return _sweep.summarize(runs, threshold=0.8, target=0.9)
 
 
@@ -56,6 +59,26 @@ def test_highest_stable_rate_and_best_rate_come_from_the_summaries():
     assert _sweep.highest_reliable(values, [False] * 4) is None
 
 
+def test_best_rate_is_chosen_on_validation_not_on_test():
+    # rate 0.1 is best on test, rate 1.0 on validation: validation decides, its test accuracy is reported
+    derived = learning_rate.derive([0.1, 1.0], [_summary([0.99, 0.99], val=[0.80, 0.80]),
+                                                _summary([0.90, 0.92], val=[0.95, 0.95])])
+    assert derived["best_rate"] == 1.0 and derived["best_final_accuracy"]["mean"] == pytest.approx(0.91)
+
+
+def test_time_to_target_compares_each_arm_at_its_fastest_validation_rate():
+    def run(test_steps, val_steps):
+        return {"curve": [[0, 0.1], [test_steps, 0.96]], "val_curve": [[0, 0.1], [val_steps, 0.96]],
+                "diverged_at": None}
+    runs = {"plain": [[run(300, 300), run(320, 310)], [run(200, 100), run(210, 120)]],
+            "batchnorm": [[run(40, 50), run(50, 40)], [run(90, 90), run(80, 90)]]}
+    speed = learning_rate.time_to_target([0.1, 1.0], runs, {"target": 0.95, "steps": 600})
+    assert speed["chosen"]["plain"]["value"] == 1.0 and speed["chosen"]["batchnorm"]["value"] == 0.1
+    assert speed["test_steps"] == {"plain": [200, 210], "batchnorm": [40, 50]}
+    assert speed["saving"]["mean"] == pytest.approx(1 - (40 / 200 + 50 / 210) / 2)
+    assert "ci95" in speed["saving"] and "saving of" in learning_rate.speed_text(speed)
+
+
 def _derived(plain, bn):
     acc = mean_std([0.9, 0.92])
     return {"plain": {"highest_stable": plain, "best_rate": 0.1, "best_final_accuracy": acc},
@@ -74,4 +97,4 @@ def _derived(plain, bn):
 def test_measured_sentence_follows_the_numbers(plain, bn, expected):
     sentence = learning_rate.measured(_derived(plain, bn), [0.1, 0.3, 1.0, 3.0, 30.0, 100.0])
     assert expected in sentence
-    assert "0.910 ± 0.014 at lr=0.1" in sentence
+    assert "lr=0.1 (final test accuracy 0.910 ± 0.014)" in sentence

@@ -87,12 +87,14 @@ def summarize(per_seed: Sequence[dict], threshold: float, target: float) -> dict
         target: test accuracy whose first evaluated step is reported as ``steps_to_target``.
 
     Returns:
-        ``final_accuracy``, ``best_accuracy``, ``steps_to_target`` (:func:`mean_std` dicts), ``outcomes`` (per
-        seed), ``diverged`` (count) and ``reliable`` (every seed trained).
+        ``final_accuracy``, ``final_val_accuracy`` (validation; ``None`` values without a validation part),
+        ``best_accuracy``, ``steps_to_target`` (:func:`mean_std` dicts), ``outcomes`` (per seed), ``diverged``
+        (count) and ``reliable`` (every seed trained).
     """
     outcomes = [outcome(run, threshold) for run in per_seed]
     steps = [next((int(s) for s, acc in run["curve"] if acc >= target), None) for run in per_seed]
     return {"final_accuracy": mean_std([run["final_accuracy"] for run in per_seed]),
+            "final_val_accuracy": mean_std([run.get("final_val_accuracy") for run in per_seed]),
             "best_accuracy": mean_std([run["best_accuracy"] for run in per_seed]),
             "steps_to_target": mean_std(steps), "outcomes": outcomes, "diverged": outcomes.count(DIVERGED),
             "reliable": all(o == TRAINED for o in outcomes)}
@@ -132,8 +134,17 @@ def reliable_range(values: Sequence[float], reliable: Sequence[bool]) -> tuple[f
 
 
 def best_value(values: Sequence[float], summaries: Sequence[dict]) -> tuple[float, dict]:
-    """The value with the highest mean final test accuracy (the lowest such value on ties) and its summary."""
-    index = max(range(len(values)), key=lambda i: (summaries[i]["final_accuracy"]["mean"], -i))
+    """The value with the highest mean final *validation* accuracy (the lowest such value on ties) and its summary,
+    whose test accuracy is then reported; a seed that diverged counts as accuracy 0."""
+    def score(summary: dict) -> float:
+        values_ = summary["final_val_accuracy"]["values"]
+        if any(v is None for v in values_):
+            raise ValueError("best_value: a run has no validation accuracy; train on a split with a validation part "
+                             "(normkit.experiments._selection.carve).")
+        kept = [0.0 if o == DIVERGED else v for o, v in zip(summary["outcomes"], values_, strict=True)]
+        return sum(kept) / len(kept)
+
+    index = max(range(len(values)), key=lambda i: (score(summaries[i]), -i))
     return values[index], summaries[index]
 
 
@@ -146,16 +157,16 @@ def outcome_cell(summary: dict) -> str:
 
 def table(values: Sequence[float], summaries: dict[str, list[dict]], value_label: str,
           arms: Sequence[Arm] = ARMS) -> dict:
-    """One row per swept value: per arm the final and best test accuracy (mean ± std) and the failed seeds."""
+    """One row per swept value: per arm the final test and validation accuracy (mean ± std) and the failed seeds."""
     columns = [value_label]
     for arm in arms:
-        columns += [f"final acc. {arm.label}", f"best acc. {arm.label}", f"seeds not trained {arm.label}"]
+        columns += [f"final test acc. {arm.label}", f"final val. acc. {arm.label}", f"seeds not trained {arm.label}"]
     rows = []
     for index, value in enumerate(values):
         row = [f"{value:g}"]
         for arm in arms:
             summary = summaries[arm.name][index]
-            row += [fmt(summary["final_accuracy"], missing="-"), fmt(summary["best_accuracy"], missing="-"),
+            row += [fmt(summary["final_accuracy"], missing="-"), fmt(summary["final_val_accuracy"], missing="-"),
                     outcome_cell(summary)]
         rows.append(row)
     return {"columns": columns, "rows": rows}

@@ -17,6 +17,7 @@ from torch import nn
 from ..data import load_digits
 from . import _sweep
 from ._harness import Settings
+from ._selection import carve
 from ._training import History, fmt, mlp, train
 
 NAME = "initialization"
@@ -59,7 +60,7 @@ def scale_weights(model: nn.Module, factor: float) -> nn.Module:
 def config(settings: Settings) -> dict:
     """Everything that defines the run: data, model, init, optimizer, sweep and the definition of "trains"."""
     sweep = QUICK if settings.quick else FULL
-    return {"dataset": "digits (scikit-learn 8x8, pixels / 16; 1347 train / 450 test, split seed 0)",
+    return {"dataset": "digits (scikit-learn 8x8, pixels / 16; 1078 train / 269 validation / 450 test, split seed 0)",
             "model": f"MLP 64 -> {' -> '.join(map(str, HIDDEN))} -> 10, ReLU; with BN: BatchNorm1d after every hidden "
                      "linear layer, before the ReLU",
             "init": "torch default init of every linear layer, weights (not biases) multiplied by the swept scale; "
@@ -82,7 +83,7 @@ def run(settings: Settings) -> dict:
         arm and scale) and ``derived`` (per arm: the range of scales that train, the best scale).
     """
     cfg = config(settings)
-    split = load_digits()
+    split, validation = carve(load_digits())
 
     def run_one(arm: _sweep.Arm, scale: float, seed: int) -> History:
         model = mlp(split.num_features, split.num_classes, HIDDEN, norm=arm.norm, act="relu", seed=seed)
@@ -97,13 +98,14 @@ def run(settings: Settings) -> dict:
     table["columns"] += [f"steps to {TARGET:.0%} {arm.label}" for arm in _sweep.ARMS]
     for row, index in zip(table["rows"], range(len(cfg["values"])), strict=True):
         row += [fmt(summary[arm.name][index]["steps_to_target"], ".0f") for arm in _sweep.ARMS]
-    table["note"] = (f"Final and best test accuracy over {cfg['steps']} SGD steps at lr={LEARNING_RATE:g} (best: the "
-                     f"highest of the accuracies evaluated every {cfg['eval_every']} steps, so it peeks at the test "
-                     f"set); steps to {TARGET:.0%}: the first evaluated step at or above it, mean over the seeds that "
+    table["note"] = (f"Final test and validation accuracy over {cfg['steps']} SGD steps at lr={LEARNING_RATE:g} "
+                     f"(the best scale per arm is chosen on validation); steps to {TARGET:.0%}: the first evaluated "
+                     "step at or above it, mean over the seeds that "
                      f"got there. A failed seed stayed below {THRESHOLD:.0%} within the step budget at this one "
                      "learning rate; another rate or longer training might rescue it. Scales that train: " + "; ".join(
                          f"{arm.label} {_span(derived[arm.name]['trains'])}" for arm in _sweep.ARMS) + ".")
-    return {"config": cfg, "table": table, "measured": measured(derived, cfg["values"]), "derived": derived,
+    return {"config": cfg, "validation": validation, "table": table, "measured": measured(derived, cfg["values"]),
+            "derived": derived,
             "summary": summary, "runs": runs}
 
 
@@ -111,8 +113,10 @@ def derive(values: list[float], summaries: list[dict]) -> dict:
     """Per arm: the longest contiguous range of scales where every seed trains, its width, and the best scale.
 
     Examples:
-        >>> ok = {"final_accuracy": {"mean": 0.9, "std": 0.0, "n": 1, "values": [0.9]}, "reliable": True}
-        >>> bad = {"final_accuracy": {"mean": 0.1, "std": 0.0, "n": 1, "values": [0.1]}, "reliable": False}
+        >>> ok = {"final_accuracy": {"mean": 0.9, "values": [0.9]}, "final_val_accuracy": {"values": [0.91]},
+        ...       "reliable": True, "outcomes": ["trained"]}
+        >>> bad = {"final_accuracy": {"mean": 0.1, "values": [0.1]}, "final_val_accuracy": {"values": [0.1]},
+        ...        "reliable": False, "outcomes": ["failed"]}
         >>> derive([0.1, 1.0, 10.0], [bad, ok, ok])["trains"]
         [1.0, 10.0]
     """
@@ -148,12 +152,13 @@ def measured(derived: dict, values: list[float]) -> str:
         reach = f", reaching the {' and '.join(edge)} of the sweep" if edge else ""
         return f"for init scales {low:g} to {high:g} ({arm['decades']:.1f} decades{reach})"
 
-    best = "; ".join(f"{label} {fmt(derived[arm]['best_final_accuracy'])} at scale {derived[arm]['best_scale']:g}"
+    best = "; ".join(f"{label} {derived[arm]['best_scale']:g} (final test accuracy "
+                     f"{fmt(derived[arm]['best_final_accuracy'])})"
                      for arm, label in (("plain", "without BN"), ("batchnorm", "with BN")))
     width = {name: (-1.0 if arm["decades"] is None else arm["decades"]) for name, arm in derived.items()}
     if bn["trains"] is None and plain["trains"] is None:
-        return ("Neither arm trained at any scale of the sweep, so the data cannot test the claim; best final test "
-                f"accuracy {best}.")
+        return ("Neither arm trained at any scale of the sweep, so the data cannot test the claim; best scale on "
+                f"validation {best}.")
     if width["batchnorm"] > width["plain"]:
         verdict = "a wider range with BN, in line with the article"
     elif width["batchnorm"] == width["plain"]:
@@ -161,7 +166,7 @@ def measured(derived: dict, values: list[float]) -> str:
     else:
         verdict = "a narrower range with BN, contrary to the article"
     return (f"Every seed trained {describe(bn)} with BN and {describe(plain)} without: {verdict}; "
-            f"best final test accuracy {best}.")
+            f"best scale on validation {best}.")
 
 
 def plot(result: dict, path) -> None:
