@@ -20,7 +20,8 @@ CONFIDENCE = 0.95
 
 def mean_ci(values: Sequence[float | None]) -> dict:
     """:func:`~normkit.experiments._training.mean_std` of the values plus ``"ci95"``: ``[low, high]``, the 95 %
-    t interval of the mean (``None`` with fewer than two values; ``None`` entries are left out).
+    t interval of the mean (``None`` with fewer than two values; ``None`` entries are left out), and ``"verdict"``:
+    ``"first"`` when the interval lies above zero, ``"second"`` below, ``"none"`` when it spans zero.
 
     Examples:
         >>> stat = mean_ci([1.0, 2.0, 3.0])
@@ -31,11 +32,12 @@ def mean_ci(values: Sequence[float | None]) -> dict:
     """
     stat = mean_std(values)
     if stat["n"] < 2:
-        return {**stat, "ci95": None}
+        return {**stat, "ci95": None, "verdict": "none"}
     from scipy.stats import t
 
     half = float(t.ppf(0.5 + CONFIDENCE / 2, stat["n"] - 1)) * stat["std"] / math.sqrt(stat["n"])
-    return {**stat, "ci95": [stat["mean"] - half, stat["mean"] + half]}
+    ci = [stat["mean"] - half, stat["mean"] + half]
+    return {**stat, "ci95": ci, "verdict": _verdict(ci)}
 
 
 def _verdict(ci: list[float] | None, zero: float = 0.0) -> str:
@@ -69,8 +71,7 @@ def paired_difference(first: Sequence[float | None], second: Sequence[float | No
         raise ValueError(f"paired_difference: expected one value per seed in both arms, got {len(first)} and "
                          f"{len(second)}.")
     diffs = [None if a is None or b is None else a - b for a, b in zip(first, second, strict=True)]
-    stat = mean_ci(diffs)
-    return {**stat, "verdict": _verdict(stat["ci95"])}
+    return mean_ci(diffs)
 
 
 def paired_ratio(first: Sequence[float | None], second: Sequence[float | None]) -> dict:
