@@ -24,22 +24,30 @@ def test_quick_run_covers_every_arm(quick_result, tmp_path):
     data = json.loads(paths["json"].read_text())
     columns = data["table"]["columns"]
     assert all(len(row) == len(columns) for row in data["table"]["rows"])
-    expected = dropout_order.arms(data["config"]["dropout_rates"])
-    assert len(data["table"]["rows"]) == len(expected) == 1 + 2 * len(data["config"]["dropout_rates"])
-    for order, rate in expected:
-        runs = data["per_seed"][dropout_order.key(order, rate)]
+    assert len(data["table"]["rows"]) == len(dropout_order.ORDERS) + len(dropout_order.COMPARISONS)
+    for order in dropout_order.ORDERS:
+        runs = data["per_seed"][order]
         assert [run["seed"] for run in runs] == list(SEEDS)
         assert all(len(run["variance_shift_per_layer"]) == 3 and run["variance_shift"] > 0 for run in runs)
         assert all(0 <= run["recalibrated_accuracy"] <= 1 for run in runs)
-
+    for name in dropout_order.COMPARISONS:
+        assert "ci95" in data["differences"][name] and data["differences"][name]["n"] == len(SEEDS)
+    assert data["validation"]["train_examples_used"] == data["config"]["train_examples"]
 
 
 def test_bn_after_dropout_shows_the_variance_shift_even_in_the_quick_run(quick_result):
     summary = quick_result["summary"]
-    for rate in quick_result["config"]["dropout_rates"]:
-        after = summary[dropout_order.key("bn-after-dropout", rate)]["variance_shift"]["mean"]
-        before = summary[dropout_order.key("bn-before-dropout", rate)]["variance_shift"]["mean"]
-        assert after > before
+    after = summary["bn-after-dropout"]["variance_shift"]["mean"]
+    assert after > summary["bn-before-dropout"]["variance_shift"]["mean"]
+    assert after > summary["li-dropout-after-last-bn"]["variance_shift"]["mean"]
+
+
+def test_li_arm_shares_the_no_dropout_weights_and_has_one_dropout_before_the_output():
+    li = dropout_order.build("li-dropout-after-last-bn", 40, 10, (8, 8), 0.3, seed=4)
+    plain = dropout_order.build("no-dropout", 40, 10, (8, 8), 0.3, seed=4)
+    assert [type(m).__name__ for m in li][-2:] == ["Dropout", "Linear"]
+    assert sum(isinstance(m, nn.Dropout) for m in li) == 1
+    assert all(a.equal(b) for a, b in zip(li.parameters(), plain.parameters(), strict=True))
 
 
 def test_variance_shift_is_running_over_eval_input_variance_per_layer():
@@ -73,19 +81,20 @@ def test_variance_shift_of_dropout_before_bn_matches_the_dropout_theory():
 
 
 @pytest.mark.parametrize(("verdict", "expected"), [
-    ("before", "the article's rule holds here"),
-    ("tie", "no measurable difference"),
-    ("after", "against the article's rule"),
+    ("first", "the article's rule holds here"),
+    ("none", "no detectable difference"),
+    ("second", "against the article's rule"),
 ])
-def test_measured_sentence_reads_the_highest_rate(verdict, expected):
+def test_measured_sentence_follows_the_order_verdict(verdict, expected):
     stat = lambda m: {"mean": m, "std": 0.0}  # noqa: E731
     arm = lambda acc, ratio: {"final_accuracy": stat(acc), "variance_shift": stat(ratio),  # noqa: E731
                               "recalibrated_accuracy": stat(acc)}
-    summary = {"no-dropout@0": arm(0.7, 1.0), "bn-before-dropout@0.2": arm(0.69, 1.1),
-               "bn-after-dropout@0.2": arm(0.68, 1.4), "bn-before-dropout@0.5": arm(0.66, 1.2),
-               "bn-after-dropout@0.5": arm(0.62, 3.0)}
-    differences = {"0.2": {"mean": 0.0, "std": 0.0, "verdict": "tie"},
-                   "0.5": {"mean": 0.04, "std": 0.01, "verdict": verdict}}
-    sentence = dropout_order.measured(summary, differences, {"dropout_rates": [0.2, 0.5]})
-    assert sentence.startswith("At dropout 0.5, BN after dropout stored a running variance 3.00x")
+    summary = {"no-dropout": arm(0.40, 1.0), "bn-before-dropout": arm(0.42, 1.2), "bn-after-dropout": arm(0.38, 3.0),
+               "li-dropout-after-last-bn": arm(0.43, 1.0)}
+    none = {"mean": 0.0, "ci95": [-0.01, 0.01], "verdict": "none"}
+    differences = {name: none for name in dropout_order.COMPARISONS}
+    differences["before-vs-after"] = {"mean": 0.04, "ci95": [0.02, 0.06], "verdict": verdict}
+    sentence = dropout_order.measured(summary, differences, {"dropout": 0.3})
+    assert "a regime where it makes no detectable difference" in sentence
+    assert "BN after dropout stored a running variance 3.00x" in sentence
     assert expected in sentence
