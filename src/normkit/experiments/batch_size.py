@@ -39,8 +39,8 @@ SEEDS = 3
 NORMS = ("BN", "GN", "LN", "BatchRenorm", "Ghost BN", "Cross-iteration BN")
 BATCH_INDEPENDENT = ("GN", "LN")
 BUDGETS = {"equal_epochs": "equal epochs", "equal_steps": "equal steps"}
-FULL = {"batch_sizes": (2, 8, 32, 128), "epochs": 2.0, "min_steps": 60, "equal_steps": 500,
-        "lr_grid": (0.003, 0.01, 0.03)}
+FULL = {"batch_sizes": (2, 8, 32, 128), "epochs": 2.0, "min_steps": 60, "equal_steps": 300,
+        "lr_grid": (0.001, 0.003, 0.01, 0.03)}
 QUICK = {"batch_sizes": (4, 32), "epochs": 0.03, "min_steps": 3, "equal_steps": 4, "lr_grid": (0.01, 0.03)}
 CHANNELS = (16, 32)
 BASE_BATCH = 32  # the batch size at which each norm's learning rate is tuned; square-root scaling elsewhere
@@ -186,10 +186,10 @@ def measured_sentence(derived: dict, sizes: tuple[int, ...], steps: dict) -> str
         >>> derived = {"equal_steps": {"bn_best_size": 32, "per_size": per}}
         >>> print(measured_sentence(derived, (2, 32), {"equal_steps": {"2": 500, "32": 500}}))
         ... # doctest: +NORMALIZE_WHITESPACE
-        Equal steps (500 steps at every size): at batch 2 BN is +4.0 points (95% CI +2.0 to +6.0) below its best
-        (batch 32 on validation) and -3.0 points (95% CI -5.0 to -1.0) against GN, the best batch-independent norm
-        there (best on validation: GN); at batch 32 BN's drop is no difference detected (+0.2 points, 95% CI -1.0
-        to +1.4). This agrees with the article at batch 2.
+        Equal steps (500 steps at every size): at batch 2 BN's drop from its best batch size (32, on validation) is
+        +4.0 points (95% CI +2.0 to +6.0), BN minus GN (the better batch-independent norm on validation) -3.0
+        points (95% CI -5.0 to -1.0), best norm on validation GN; at batch 32 BN's drop is no difference detected
+        (+0.2 points, 95% CI -1.0 to +1.4). This agrees with the article at batch 2.
     """
     parts = []
     verdicts = []
@@ -200,10 +200,10 @@ def measured_sentence(derived: dict, sizes: tuple[int, ...], steps: dict) -> str
         counts = sorted(set(steps[budget].values()))
         step_text = (f"{counts[0]} steps at every size" if len(counts) == 1 else
                      ", ".join(f"{steps[budget][str(size)]} at batch {size}" for size in sizes))
-        text = (f"{BUDGETS[budget].capitalize()} ({step_text}): at batch {smallest} BN is "
-                f"{describe(small['bn_drop'])} below its best (batch {result['bn_best_size']} on validation) and "
-                f"{describe(small['bn_minus_best_independent'])} against {small['best_independent']}, the best "
-                f"batch-independent norm there (best on validation: {small['best_norm']})")
+        text = (f"{BUDGETS[budget].capitalize()} ({step_text}): at batch {smallest} BN's drop from its best batch "
+                f"size ({result['bn_best_size']}, on validation) is {describe(small['bn_drop'])}, BN minus "
+                f"{small['best_independent']} (the better batch-independent norm on validation) "
+                f"{describe(small['bn_minus_best_independent'])}, best norm on validation {small['best_norm']}")
         enough = [size for size in sizes if 16 <= size <= 32 and str(size) in per]
         if enough:
             text += "; " + "; ".join(f"at batch {size} BN's drop is {describe(per[str(size)]['bn_drop'])}"
