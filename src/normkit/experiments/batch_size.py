@@ -186,9 +186,9 @@ def measured_sentence(derived: dict, sizes: tuple[int, ...], steps: dict) -> str
         >>> derived = {"equal_steps": {"bn_best_size": 32, "per_size": per}}
         >>> print(measured_sentence(derived, (2, 32), {"equal_steps": {"2": 500, "32": 500}}))
         ... # doctest: +NORMALIZE_WHITESPACE
-        Equal steps (500 steps at every size): at batch 2 BN's drop from its best batch size (32, on validation) is
-        +4.0 points (95% CI +2.0 to +6.0), BN minus GN (the better batch-independent norm on validation) -3.0
-        points (95% CI -5.0 to -1.0), best norm on validation GN; at batch 32 BN's drop is no difference detected
+        Equal steps (500 steps at every size): at batch 2, BN's drop from its best batch size (32, on validation):
+        +4.0 points (95% CI +2.0 to +6.0); BN minus GN (the better batch-independent norm on validation): -3.0
+        points (95% CI -5.0 to -1.0); best norm on validation: GN; at batch 32, BN's drop: no difference detected
         (+0.2 points, 95% CI -1.0 to +1.4). This agrees with the article at batch 2.
     """
     parts = []
@@ -200,13 +200,13 @@ def measured_sentence(derived: dict, sizes: tuple[int, ...], steps: dict) -> str
         counts = sorted(set(steps[budget].values()))
         step_text = (f"{counts[0]} steps at every size" if len(counts) == 1 else
                      ", ".join(f"{steps[budget][str(size)]} at batch {size}" for size in sizes))
-        text = (f"{BUDGETS[budget].capitalize()} ({step_text}): at batch {smallest} BN's drop from its best batch "
-                f"size ({result['bn_best_size']}, on validation) is {describe(small['bn_drop'])}, BN minus "
-                f"{small['best_independent']} (the better batch-independent norm on validation) "
-                f"{describe(small['bn_minus_best_independent'])}, best norm on validation {small['best_norm']}")
+        text = (f"{BUDGETS[budget].capitalize()} ({step_text}): at batch {smallest}, BN's drop from its best batch "
+                f"size ({result['bn_best_size']}, on validation): {describe(small['bn_drop'])}; BN minus "
+                f"{small['best_independent']} (the better batch-independent norm on validation): "
+                f"{describe(small['bn_minus_best_independent'])}; best norm on validation: {small['best_norm']}")
         enough = [size for size in sizes if 16 <= size <= 32 and str(size) in per]
         if enough:
-            text += "; " + "; ".join(f"at batch {size} BN's drop is {describe(per[str(size)]['bn_drop'])}"
+            text += "; " + "; ".join(f"at batch {size}, BN's drop: {describe(per[str(size)]['bn_drop'])}"
                                      for size in enough)
         parts.append(text)
         drops = small["bn_drop"]["verdict"] == "first"

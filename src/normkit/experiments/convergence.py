@@ -164,7 +164,9 @@ def measured(tuned: dict, shared: dict, per_arm_lr: dict, config: dict) -> str:
     faster = "faster, as the article says" if ratio["verdict"] == "first" else "not detectably faster"
     text = f"Each arm at its validation-chosen learning rate ({lrs}), {speed} and {accuracy}: {faster}, and {claim}."
     if shared["ratio"]["mean"] is not None and ratio["mean"] is not None:
-        text += (f" With both arms at lr {config['shared_lr']:g} the ratio would read {shared['ratio']['mean']:.1f}x"
+        bound = "at least " if shared["ratio"]["lower_bound"] else ""
+        text += (f" With both arms at lr {config['shared_lr']:g} the ratio would read {bound}"
+                 f"{shared['ratio']['mean']:.1f}x"
                  + (": an untuned baseline inflates it." if shared["ratio"]["mean"] > ratio["mean"] else "."))
     return text
 
@@ -180,7 +182,7 @@ def plot(result: dict, path: Path) -> None:
     ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.0%}")
     ax.set_xlabel(f"training steps (batches of {result['config']['batch_size']})")
     ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.02)
     ax.legend(loc="lower right", fontsize=8)
     ratio = result["ratio"]
     if ratio["mean"] is None:

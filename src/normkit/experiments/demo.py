@@ -162,8 +162,9 @@ def run_demo(
     ``steps``, ``lr`` and ``target`` default to the dataset's entry in :data:`DATASETS`. Both arms share one learning
     rate, as in the paper's comparison; it is a rate the arm *without* batch norm trains well at, not its tuned
     optimum (an audit found lr 4 faster for it on the digits), so the steps ratio is that of a shared rate. Each arm
-    at its own validation-chosen rate is ``normkit experiment convergence``. Training runs on one CPU thread (restored afterwards): these
-    matrices are too small to gain from more, and on busy cores extra threads cost up to 10x.
+    at its own validation-chosen rate is ``normkit experiment convergence``. Training runs on one CPU thread
+    (restored afterwards): these matrices are too small to gain from more, and on busy cores extra threads cost up
+    to 10x.
 
     Args:
         steps: SGD steps per arm (default: the dataset's, 2000).

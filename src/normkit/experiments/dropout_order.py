@@ -205,26 +205,30 @@ def measured(summary: dict, differences: dict, config: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Eval test accuracy and variance shift per arm (bars: mean, error bars: std over the seeds)."""
+    """Eval test accuracy and variance shift per arm: mean ± std over the seeds, and every seed as a grey dot."""
     import numpy as np
 
     summary = result["summary"]
     fig, (acc_ax, shift_ax) = _plotting.figure(ncols=2, width=5.4, height=4.6)
     positions = np.arange(len(ORDERS))
     names = ["no dropout", "BN → drop", "drop → BN", "drop after\nlast BN (Li)"]
+    colors = ["tab:gray", "tab:blue", "tab:red", "tab:green"]
     for ax, metric in ((acc_ax, "final_accuracy"), (shift_ax, "variance_shift")):
         stats = [summary[order][metric] for order in ORDERS]
-        ax.bar(positions, [s["mean"] for s in stats], 0.6, yerr=[s["std"] for s in stats], capsize=4,
-               color=["tab:gray", "tab:blue", "tab:red", "tab:green"])
+        for position, stat, color in zip(positions, stats, colors, strict=True):
+            ax.errorbar([position], [stat["mean"]], yerr=[stat["std"]], marker="o", markersize=8, capsize=5,
+                        color=color, linestyle="none")
+        for position, run_values in zip(positions, [[r[metric] for r in result["per_seed"][o]] for o in ORDERS],
+                                        strict=True):
+            ax.plot([position + 0.15] * len(run_values), run_values, linestyle="none", marker=".", color="grey",
+                    alpha=0.6)
         ax.set_xticks(positions, names, fontsize=8)
-    means = [summary[order]["final_accuracy"]["mean"] for order in ORDERS]
-    stds = [summary[order]["final_accuracy"]["std"] for order in ORDERS]
-    low = max(0.0, min(m - s for m, s in zip(means, stds, strict=True)) - 0.05)
-    acc_ax.set_ylim(low, min(1.0, max(m + s for m, s in zip(means, stds, strict=True)) + 0.03))
-    acc_ax.set_ylabel(f"test accuracy (eval mode; axis from {low:.2f})")
+        ax.set_xlim(-0.5, len(ORDERS) - 0.5)
+    acc_ax.set_ylabel("test accuracy (eval mode): mean ± std, grey dots per seed")
     acc_ax.set_title("accuracy at inference")
     shift_ax.axhline(1.0, color="black", linewidth=0.8)
     shift_ax.set_ylabel("running var / eval-mode input var (1 = no shift)")
+    shift_ax.set_ylim(bottom=0)
     shift_ax.set_title("variance shift of the BN layers")
     _plotting.save(fig, path, f"Wide MLP, 300 MNIST-1D examples, dropout {result['config']['dropout']:g}: where "
                               f"should dropout go? (mean ± std, {len(result['seeds'])} seeds)")

@@ -187,6 +187,51 @@ def shrinking(per_seed: list[dict], setup: dict, momentum: float) -> list[dict]:
             for step in steps]
 
 
+def gap_text(stat: dict) -> str:
+    """A gap (points) with its 95 % CI, saying when the interval includes zero.
+
+    Examples:
+        >>> gap_text({"mean": 1.7, "ci95": [-0.1, 3.5], "verdict": "none"})
+        '+1.7 points (95% CI -0.1 to +3.5, indistinguishable from zero)'
+        >>> gap_text({"mean": 5.3, "ci95": [3.0, 7.6], "verdict": "first"})
+        '+5.3 points (95% CI +3.0 to +7.6)'
+    """
+    if stat.get("ci95") is None:
+        return f"{stat['mean']:+.1f} points (one seed, no CI)"
+    low, high = stat["ci95"]
+    zero = ", indistinguishable from zero" if stat["verdict"] == "none" else ""
+    return f"{stat['mean']:+.1f} points (95% CI {low:+.1f} to {high:+.1f}{zero})"
+
+
+def trend_text(trend: list[dict], tolerance: float = 0.5) -> str:
+    """How the constant-rate gap moves over the checkpoints from step 50 on: its path, where it peaks, whether it
+    shrinks after the peak (each step at most ``tolerance`` points above the one before), and from which step on
+    every interval includes zero.
+
+    Examples:
+        >>> ci = lambda m, low, high: {"mean": m, "ci95": [low, high],
+        ...                            "verdict": "none" if low <= 0 <= high else "first"}
+        >>> trend = [{"step": 50, **ci(11.0, 5, 17)}, {"step": 100, **ci(12.0, 6, 18)}, {"step": 400, **ci(1.7, -0.1,
+        ...          3.5)}, {"step": 1200, **ci(0.1, -0.3, 0.4)}]
+        >>> print(trend_text(trend))  # doctest: +NORMALIZE_WHITESPACE
+        Under the constant rate the mean gap goes +11.0 → +12.0 → +1.7 → +0.1 points at steps 50, 100, 400, 1200:
+        it peaks at step 100 and shrinks after it, indistinguishable from zero from step 400 on.
+    """
+    shown = [point for point in trend if point["step"] >= 50] or list(trend)
+    path = " → ".join(f"{p['mean']:+.1f}" for p in shown)
+    peak = max(range(len(shown)), key=lambda i: shown[i]["mean"])
+    after = [p["mean"] for p in shown[peak:]]
+    shrinks = all(b <= a + tolerance for a, b in zip(after, after[1:], strict=False)) and after[-1] < after[0]
+    zero_from = next((shown[i]["step"] for i in range(len(shown))
+                      if all(p["verdict"] == "none" for p in shown[i:])), None)
+    shape = (f"it peaks at step {shown[peak]['step']} and shrinks after it" if shrinks and peak < len(shown) - 1 else
+             f"it peaks at step {shown[peak]['step']} and does not shrink steadily after it")
+    zero = (f", indistinguishable from zero from step {zero_from} on" if zero_from is not None else
+            ", still above zero at the end")
+    return (f"Under the constant rate the mean gap goes {path} points at steps "
+            f"{', '.join(str(p['step']) for p in shown)}: {shape}{zero}.")
+
+
 def measured_sentence(summary: dict, comparisons: dict, trend: list[dict], setup: dict) -> str:
     """One sentence: the gap at torch's default momentum per schedule and length, how it moves with training, and
     which momentum gives the smallest end gap per schedule, all with 95 % CIs.
@@ -206,18 +251,18 @@ def measured_sentence(summary: dict, comparisons: dict, trend: list[dict], setup
         ... # doctest: +NORMALIZE_WHITESPACE
         At torch momentum 0.1 (Keras 0.9) the gap (precise BN minus running statistics) is +5.3 points (95% CI +3.0
         to +7.6) after 400 steps and +2.0 points (95% CI +0.5 to +3.5) after 1200 under a constant learning rate;
-        under cosine decay it is no difference detected (+0.2 points, 95% CI -0.3 to +0.7) after 400 and no
-        difference detected (+0.1 points, 95% CI -0.2 to +0.4) after 1200: decaying the rate closes the gap,
+        under cosine decay it is +0.2 points (95% CI -0.3 to +0.7, indistinguishable from zero) after 400 and +0.1
+        points (95% CI -0.2 to +0.4, indistinguishable from zero) after 1200: decaying the rate closes the gap,
         whatever the momentum. Under the constant rate the mean gap goes +4.2 → +5.3 → +2.0 points at steps 100,
-        400, 1200 (not steadily: it does not simply shrink with training). Smallest end gap: constant at momentum
-        0.9 (Keras 0.1; vs 0.1: +5.0 points (95% CI +2.0 to +8.0)), outside the article's Keras 0.9-0.99; cosine at
-        0.1.
+        400, 1200: it peaks at step 400 and shrinks after it, still above zero at the end. Smallest end gap:
+        constant at momentum 0.9 (Keras 0.1; vs 0.1: +5.0 points (95% CI +2.0 to +8.0)), outside the article's Keras
+        0.9-0.99; cosine at 0.1.
     """
     short, long = min(setup["lengths"]), max(setup["lengths"])
     lead = str(DEFAULT)
 
     def gap(schedule: str, length: int) -> str:
-        return describe(summary[schedule][str(length)]["gap"][lead], scale=1)
+        return gap_text(summary[schedule][str(length)]["gap"][lead])
 
     closed = all(summary["cosine"][str(n)]["gap"][lead]["verdict"] == "none" for n in (short, long))
     open_ = any(summary["constant"][str(n)]["gap"][lead]["verdict"] != "none" for n in (short, long))
@@ -227,14 +272,7 @@ def measured_sentence(summary: dict, comparisons: dict, trend: list[dict], setup
             f"{gap('constant', short)} after {short} steps and {gap('constant', long)} after {long} under a constant "
             f"learning rate; under cosine decay it is {gap('cosine', short)} after {short} and "
             f"{gap('cosine', long)} after {long}{lesson}.")
-    shown = [point for point in trend if point["step"] >= 50]
-    means = [point["mean"] for point in shown]
-    monotone = all(b <= a for a, b in zip(means, means[1:], strict=False))
-    path = " → ".join(f"{p['mean']:+.1f}" for p in shown)
-    text += (f" Under the constant rate the mean gap goes {path} points at steps "
-             f"{', '.join(str(p['step']) for p in shown)} "
-             f"({'it shrinks with training' if monotone else 'not steadily: it does not simply shrink with training'}"
-             ").")
+    text += " " + trend_text(trend)
     parts = []
     for schedule, comparison in comparisons.items():
         smallest = comparison["smallest"]
@@ -336,6 +374,7 @@ def plot(result: dict, path) -> None:
     left.set_ylabel("end gap: precise BN − running stats (points)")
     left.legend(fontsize=7)
     lead = str(DEFAULT) if DEFAULT in momenta else str(momenta[0])
+    ticks = [p["step"] for p in result["per_seed"][0]["runs"][f"constant-{long}"]["points"]]
     for schedule in SCHEDULES:
         runs = [seed["runs"][f"{schedule}-{long}"] for seed in result["per_seed"]]
         steps = [p["step"] for p in runs[0]["points"]]
@@ -344,7 +383,7 @@ def plot(result: dict, path) -> None:
         band(right, steps, values.mean(axis=0), std, label=f"{schedule} lr, momentum {lead}", marker=".")
     right.axhline(0.0, color="black", linewidth=0.8)
     right.set_xscale("log")
-    right.set_xticks(steps, [str(step) for step in steps])
+    right.set_xticks(ticks, [str(step) for step in ticks], fontsize=8)
     right.minorticks_off()
     right.set_xlabel("training step (log scale)")
     right.set_ylabel("gap: precise BN − running stats (points, ± std)")

@@ -203,7 +203,7 @@ def measured(summary: dict, differences: dict, config: dict) -> str:
         >>> print(measured({key: arms}, {key: diffs}, {"budgets": [10], "batch_sizes": [64]}))
         ... # doctest: +NORMALIZE_WHITESPACE
         On the shifted domain the source model keeps 50.0% and AdaBN alone (no labels) gives 57.0%. With 10
-        labels per class (batch 64) the best strategy is BN lr x0.1 + fine-tune (63.0%); freezing BN vs full
+        labels per class (batch 64) the highest mean is BN lr x0.1 + fine-tune's (63.0%); freezing BN vs full
         fine-tuning: -3.0 points (95% CI -5.0 to -1.0); BN lr x0.1 vs full: no difference detected (+0.0 points,
         95% CI -1.0 to +1.0); BN lr x0.1 vs x0: no difference detected (+0.0 points, 95% CI -1.0 to +1.0).
     """
@@ -214,7 +214,7 @@ def measured(summary: dict, differences: dict, config: dict) -> str:
     for budget in config["budgets"]:
         key = cell_key(budget, batch)
         arms, diff = summary[key], differences[key]
-        text += (f" With {budget} labels per class (batch {batch}) the best strategy is {best(arms)} "
+        text += (f" With {budget} labels per class (batch {batch}) the highest mean is {best(arms)}'s "
                  f"({max(a['mean'] for a in arms.values()):.1%}); freezing BN vs full fine-tuning: "
                  f"{describe(diff['freeze-vs-full'])}; BN lr x0.1 vs full: {describe(diff['bn-lr-0.1-vs-full'])}; "
                  f"BN lr x0.1 vs x0: {describe(diff['bn-lr-0.1-vs-bn-lr-0'])}.")
