@@ -115,3 +115,29 @@ def test_mnist1d_dataset(small_mnist1d, tmp_path):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         run_demo(**kwargs)
+
+
+@pytest.mark.parametrize(("plain", "bn", "expected"), [
+    (400, 50, "batch norm needed 8.0x fewer steps at the same learning rate (lr 3 for both, one seed)."),
+    (50, 100, "batch norm was slower here (2.0x more steps) at the same learning rate (lr 3 for both, one seed)."),
+])
+def test_conclusion_names_the_shared_rate_and_the_single_seed(plain, bn, expected):
+    result = {"config": {"steps": 600, "target": 0.9, "lr": 3.0}, "ratio": plain / bn, "ratio_lower_bound": None,
+              "arms": {"plain": {"steps_to_target": plain}, "batchnorm": {"steps_to_target": bn}}}
+    sentence = conclusion(result)
+    assert sentence.endswith(expected)
+    assert "fastest" not in sentence and "centred" not in sentence
+
+
+@pytest.mark.parametrize(("rows", "expected"), [
+    ([[0, 0.0], [10, -1.0], [20, -1.2], [30, -1.25]], 10),   # settles early, away from 0: not "centred"
+    ([[0, 0.0], [10, 4.0], [20, 1.0], [30, 3.8]], 30),      # still moving at the end
+    ([[0, 2.0]], 0),
+])
+def test_settles_at_is_the_step_from_which_the_value_stays_near_its_end(rows, expected):
+    assert demo_module.settles_at(rows, column=1, tolerance=0.5) == expected
+
+
+def test_settles_at_needs_rows():
+    with pytest.raises(ValueError, match="at least one row"):
+        demo_module.settles_at([])

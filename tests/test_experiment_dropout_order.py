@@ -1,4 +1,5 @@
-"""``normkit experiment dropout-order``: the quick run's files, determinism, and the variance-shift measurement."""
+"""``normkit experiment dropout-order``: the quick run's files, the rate chosen on validation, the variance-shift
+measurement and the sentence."""
 
 from __future__ import annotations
 
@@ -33,6 +34,24 @@ def test_quick_run_covers_every_arm(quick_result, tmp_path):
     for name in dropout_order.COMPARISONS:
         assert "ci95" in data["differences"][name] and data["differences"][name]["n"] == len(SEEDS)
     assert data["validation"]["train_examples_used"] == data["config"]["train_examples"]
+    assert all(run["dropout"] == 0.0 for run in data["per_seed"]["no-dropout"])
+
+
+def test_each_dropout_arm_runs_at_the_rate_with_the_best_validation_accuracy(quick_result):
+    rates = quick_result["config"]["rates"]
+    assert len(rates) > 1  # the quick run exercises the selection
+    for order in dropout_order.DROPOUT_ARMS:
+        sweep = quick_result["rate_sweep"][order]
+        assert list(sweep) == [f"{rate:g}" for rate in rates]
+        means = {rate: sum(sweep[f"{rate:g}"]["final_val_accuracy"]) / len(SEEDS) for rate in rates}
+        chosen = quick_result["dropout_rate"][order]["value"]
+        assert means[chosen] == max(means.values())
+        assert rates.index(chosen) == min(i for i, rate in enumerate(rates) if means[rate] == means[chosen])
+        runs = quick_result["per_seed"][order]
+        assert all(run["dropout"] == chosen for run in runs)
+        # the reported runs are the chosen rate's runs of the sweep, test numbers included
+        assert [run["final_accuracy"] for run in runs] == sweep[f"{chosen:g}"]["final_accuracy"]
+    assert f"{quick_result['dropout_rate']['bn-after-dropout']['value']:g} with BN after" in quick_result["measured"]
 
 
 def test_bn_after_dropout_shows_the_variance_shift_even_in_the_quick_run(quick_result):
@@ -80,12 +99,10 @@ def test_variance_shift_of_dropout_before_bn_matches_the_dropout_theory():
     assert ratio == pytest.approx(1 / (1 - p), rel=0.05)
 
 
-@pytest.mark.parametrize(("verdict", "expected"), [
-    ("first", "the article's rule holds here"),
-    ("none", "no detectable difference"),
-    ("second", "against the article's rule"),
-])
-def test_measured_sentence_follows_the_order_verdict(verdict, expected):
+CHOSEN = {"no-dropout": 0.0, "bn-before-dropout": 0.3, "bn-after-dropout": 0.1, "li-dropout-after-last-bn": 0.5}
+
+
+def _sentence(order_verdict="none", helps_verdict="none"):
     stat = lambda m: {"mean": m, "std": 0.0}  # noqa: E731
     arm = lambda acc, ratio: {"final_accuracy": stat(acc), "variance_shift": stat(ratio),  # noqa: E731
                               "recalibrated_accuracy": stat(acc)}
@@ -93,8 +110,31 @@ def test_measured_sentence_follows_the_order_verdict(verdict, expected):
                "li-dropout-after-last-bn": arm(0.43, 1.0)}
     none = {"mean": 0.0, "ci95": [-0.01, 0.01], "verdict": "none"}
     differences = {name: none for name in dropout_order.COMPARISONS}
-    differences["before-vs-after"] = {"mean": 0.04, "ci95": [0.02, 0.06], "verdict": verdict}
-    sentence = dropout_order.measured(summary, differences, {"dropout": 0.3})
-    assert "a regime where it makes no detectable difference" in sentence
+    differences["before-vs-after"] = {"mean": 0.04, "ci95": [0.02, 0.06], "verdict": order_verdict}
+    differences["dropout-helps"] = {"mean": 0.02, "ci95": [0.01, 0.03], "verdict": helps_verdict}
+    return dropout_order.measured(summary, differences, CHOSEN)
+
+
+@pytest.mark.parametrize(("verdict", "expected"), [
+    ("first", "before − after: +4.0 points (95% CI +2.0 to +6.0)) and 43.0% with Li"),
+    ("first", "the article's rule holds here"),
+    ("none", "before − after: no difference detected (+4.0 points, 95% CI +2.0 to +6.0))"),
+    ("none", "the order made no detectable difference to accuracy here, despite the variance shift"),
+    ("second", "against the article's rule"),
+])
+def test_measured_sentence_follows_the_order_verdict(verdict, expected):
+    sentence = _sentence(order_verdict=verdict)
     assert "BN after dropout stored a running variance 3.00x" in sentence
+    assert "Li − after: no difference detected (+0.0 points, 95% CI -1.0 to +1.0)" in sentence
+    assert "(0.3 with BN before dropout, 0.1 with BN after it, 0.5 after the last BN)" in sentence
     assert expected in sentence
+
+
+@pytest.mark.parametrize(("verdict", "expected"), [
+    ("first", "dropout helped in this regime (BN before dropout vs none: +2.0 points (95% CI +1.0 to +3.0))"),
+    ("none", "dropout made no detectable difference in this regime (BN before dropout vs none: no difference "
+             "detected (+2.0 points, 95% CI +1.0 to +3.0))"),
+    ("second", "dropout hurt in this regime"),
+])
+def test_measured_sentence_says_whether_dropout_helped(verdict, expected):
+    assert expected in _sentence(helps_verdict=verdict)

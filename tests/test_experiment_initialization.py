@@ -30,8 +30,22 @@ def test_quick_run_covers_every_arm(quick_result, tmp_path):
         assert any(arm.label in column for column in columns)
         assert len(data["runs"][arm.name]) == len(data["config"]["values"])
         assert all(len(per_seed) == len(SEEDS) for per_seed in data["runs"][arm.name])
-        assert set(data["derived"][arm.name]) == {"trains", "decades", "best_scale", "best_final_accuracy"}
+        assert set(data["derived"][arm.name]) == {"trains", "decades", "best_scale", "best_final_val_accuracy",
+                                                  "best_final_accuracy"}
+    assert data["validation"]["examples"] > 0 and "best init scale" in data["validation"]["used_for"]
+    assert data["best_vs_best"]["n"] == len(SEEDS) and "ci95" in data["best_vs_best"]
+    assert "at those scales BN − plain" in data["measured"]
 
+
+def test_best_scale_is_chosen_on_validation_and_reports_its_test_accuracy(quick_result):
+    values = quick_result["config"]["values"]
+    for arm in _sweep.ARMS:
+        summaries = quick_result["summary"][arm.name]
+        val = [s["final_val_accuracy"]["mean"] for s in summaries]
+        best = quick_result["derived"][arm.name]["best_scale"]
+        index = values.index(best)
+        assert val[index] == max(val)
+        assert quick_result["derived"][arm.name]["best_final_accuracy"] == summaries[index]["final_accuracy"]
 
 
 def test_scale_weights_scales_every_linear_and_conv_weight_but_no_bias_or_norm():
@@ -64,6 +78,16 @@ def test_derive_reports_the_range_its_width_and_the_best_scale():
     assert initialization.derive(values, [_summary(False)] * 4)["trains"] is None
 
 
+def test_derive_picks_the_best_scale_on_validation_not_on_test():
+    values = [0.1, 1.0, 10.0]
+    best_on_test = {**_summary(True, 0.99), "final_val_accuracy": mean_std([0.90, 0.90])}
+    best_on_validation = {**_summary(True, 0.93), "final_val_accuracy": mean_std([0.96, 0.95])}
+    derived = initialization.derive(values, [_summary(True, 0.9), best_on_test, best_on_validation])
+    assert derived["best_scale"] == 10.0
+    assert derived["best_final_accuracy"]["mean"] == pytest.approx(0.93)
+    assert derived["best_final_val_accuracy"]["mean"] == pytest.approx(0.955)
+
+
 def _arm(trains):
     decades = None if trains is None else math.log10(trains[1] / trains[0])
     return {"trains": trains, "decades": decades, "best_scale": 1.0, "best_final_accuracy": mean_std([0.9, 0.92])}
@@ -82,4 +106,16 @@ def test_measured_sentence_follows_the_numbers(plain, bn, expected):
     values = [0.001, 0.01, 0.1, 1.0, 10.0, 30.0]
     sentence = initialization.measured({"plain": _arm(plain), "batchnorm": _arm(bn)}, values)
     assert expected in sentence
-    assert "1 (final test accuracy 0.910 ± 0.014)" in sentence
+    assert "best scale on validation without BN 1 (final test accuracy 0.910 ± 0.014)" in sentence
+    assert "at those scales" not in sentence
+
+
+@pytest.mark.parametrize(("difference", "expected"), [
+    ({"mean": 0.02, "ci95": [0.01, 0.03], "verdict": "first"}, "at those scales BN − plain: +2.0 points (95% CI "
+                                                               "+1.0 to +3.0)."),
+    ({"mean": 0.01, "ci95": [-0.01, 0.03], "verdict": "none"}, "at those scales BN − plain: no difference detected "
+                                                               "(+1.0 points, 95% CI -1.0 to +3.0)."),
+])
+def test_measured_sentence_gives_the_best_vs_best_difference_with_its_ci(difference, expected):
+    derived = {"plain": _arm([0.3, 1.0]), "batchnorm": _arm([0.01, 10.0])}
+    assert initialization.measured(derived, [0.001, 0.01, 0.1, 1.0, 10.0, 30.0], difference).endswith(expected)

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .demo import settles_at
+
 COLORS = {"plain": "#d95f02", "batchnorm": "#1b9e77"}
+SETTLED = 0.5  # a median within this of its final value (sigmoid-input units) counts as settled
 
 
 def plot_demo(result: dict, path: str | Path) -> Path:
@@ -15,7 +18,10 @@ def plot_demo(result: dict, path: str | Path) -> Path:
 
     Panel (a): test accuracy vs training step for both arms, the target as a dashed line and the step where each arm
     first reaches it marked. Panels (b) without BN and (c) with BN: the 15th, 50th and 85th percentiles over the test
-    set of the input to one sigmoid of the last hidden layer, vs training step, on a shared vertical axis.
+    set of the input to one sigmoid of the last hidden layer, vs training step, on a shared vertical axis; each
+    title gives the median's start and end, the step from which it stays within :data:`SETTLED` of its end
+    (:func:`~normkit.experiments.demo.settles_at`), and the spread's start and end: numbers, not adjectives, since
+    a distribution that settles early need not be centred.
 
     Args:
         result: the dict returned by :func:`normkit.experiments.demo.run_demo`.
@@ -61,13 +67,17 @@ def _accuracy_panel(axis, result: dict) -> None:
             axis.plot([reached], [100 * dict(data["curve"])[reached]], "o", color=COLORS[arm], ms=7)
     axis.axhline(100 * target, color="0.3", ls="--", lw=1, label=f"target {target:.0%}")
     ratio = result["ratio"]
-    if ratio is not None:
+    if ratio is not None and ratio > 1:
         message = f"BN reaches {target:.0%} in {ratio:.1f}x fewer steps"
+    elif ratio is not None and ratio < 1:
+        message = f"BN needs {1 / ratio:.1f}x more steps to {target:.0%}"
+    elif ratio is not None:
+        message = f"both reach {target:.0%} at the same step"
     elif result["ratio_lower_bound"] is not None:
         message = f"BN reaches {target:.0%} in over {result['ratio_lower_bound']:.0f}x fewer steps"
     else:
         message = "test accuracy during training"
-    axis.set_title(f"(a) {message}", fontsize=11)
+    axis.set_title(f"(a) {message}\nat one shared lr ({config['lr']:g}), one seed", fontsize=11)
     axis.set_xlabel("training step (SGD update, batch of 60)")
     axis.set_ylabel("test accuracy (%)")
     axis.set_ylim(0, 100)
@@ -84,10 +94,11 @@ def _percentile_panel(axis, data: dict, arm: str, letter: str, config: dict) -> 
     axis.plot(steps, low, color=color, lw=0.8)
     axis.plot(steps, high, color=color, lw=0.8)
     axis.axhline(0, color="0.5", lw=0.6)
+    settled = settles_at(data["sigmoid_input"], column=2, tolerance=SETTLED)
     axis.set_title(
         f"({letter}) {data['label']}: sigmoid input over training\n"
-        f"median {median[0]:+.2f} \u2192 {median[-1]:+.2f}, {low_p}-{high_p}th spread "
-        f"{high[0] - low[0]:.2f} \u2192 {high[-1] - low[-1]:.2f}",
+        f"median {median[0]:+.2f} \u2192 {median[-1]:+.2f} (within \u00b1{SETTLED:g} of it from step {settled})\n"
+        f"{low_p}-{high_p}th spread {high[0] - low[0]:.2f} \u2192 {high[-1] - low[-1]:.2f}",
         fontsize=11,
     )
     axis.set_xlabel("training step (SGD update, batch of 60)")
