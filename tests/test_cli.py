@@ -36,7 +36,7 @@ def fake_result(plain, bn, steps=600):
     }
     both = plain is not None and bn is not None
     return {
-        "config": {"steps": steps, "target": 0.9},
+        "config": {"steps": steps, "target": 0.9, "lr": 2.0},
         "arms": arms,
         "ratio": plain / bn if both else None,
         "ratio_lower_bound": steps / bn if plain is None and bn is not None else None,
