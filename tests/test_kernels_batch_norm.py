@@ -127,21 +127,45 @@ def test_eval_matches_reference(case):
 def test_reduction_is_split_and_exact_for_a_large_mean():
     from normkit.kernels import _bn_launch
 
-    x = make((3, 2, 40), scale=1e-2, shift=1e3)  # mean >> std: no cancellation with Chan's merge
-    assert _bn_launch._tiles(x, "planes")["tiles"] > 1
-    assert _bn_launch._tiles(make((37, 12)), "rows")["tiles"] > 1  # as in TRAIN_CASES
-    mean, var = _bn_launch.moments(x, "planes")
+    x = make((3, 2, 40), scale=1e-2, shift=1e3)  # mean >> std: no cancellation with the shifted sums
+    assert _bn_launch._split(x, "planes")["tiles"] > 1
+    assert _bn_launch._split(make((37, 12)), "rows")["tiles"] > 1  # as in TRAIN_CASES
+    stats = _bn_launch.moments(x, "planes", None, None, None, 0.1, 1.0, True, traced=False)
     m64, v64 = reference.batch_moments(x.double(), 1)
-    torch.testing.assert_close(mean.double(), m64, rtol=1e-7, atol=0)
-    torch.testing.assert_close(var.double(), v64, rtol=1e-5, atol=0)
+    torch.testing.assert_close(stats[0].double(), m64, rtol=1e-7, atol=0)
+    torch.testing.assert_close(stats[1].double(), v64, rtol=1e-5, atol=0)
 
 
-def test_one_autotune_config_under_the_interpreter():
-    from normkit.kernels import _bn_pointwise, _bn_reduce
+def test_no_autotuning_the_launch_is_a_function_of_the_shape():
+    """Every process (every DDP rank) picks the same variant for a shape: no kernel autotunes, the split is cached
+    by shape and fits CUDA's grid limits; on the interpreter the blocks are the tiny test ones."""
+    import triton
+
+    from normkit.kernels import _bn_pointwise, _bn_reduce, _bn_tiling
 
     kernels_ = [_bn_reduce.moments_planes, _bn_reduce.moments_rows, _bn_reduce.grad_sums_planes,
                 _bn_reduce.grad_sums_rows, _bn_pointwise.normalize, _bn_pointwise.grad_input]
-    assert all(len(k.configs) == (1 if INTERPRET else len(kernels_[0].configs)) for k in kernels_)
+    assert all(type(k).__name__ in ("JITFunction", "InterpretedFunction") for k in kernels_)  # no Autotuner
+    first = _bn_tiling.plane_split(256, 64, 3136, 1056)
+    assert first is _bn_tiling.plane_split(256, 64, 3136, 1056)
+    assert (_bn_tiling.REDUCE_BLOCK == 16) == INTERPRET
+
+
+def test_grids_fit_cuda_limits_up_to_the_32_bit_refusal():
+    from normkit.kernels import _bn_tiling
+
+    biggest = 2**31 - 1
+    for planes, channels, size in [(1, 1, biggest), (biggest // 7, 1, 7), (2, 3, 2**28), (2**20, 2048, 1)]:
+        split = _bn_tiling.plane_split(planes, channels, size, 132 * 8)
+        assert _bn_tiling.within_grid_limits(split["grid"]), split["grid"]
+        assert split["tiles"] * max(split["args"]["per_tile"], 1) >= 1
+    for rows, channels in [(biggest // 3, 3), (2**20, 2048), (1, 2**30)]:
+        assert _bn_tiling.within_grid_limits(_bn_tiling.row_split(rows, channels, 132 * 8)["grid"])
+    assert _bn_tiling.within_grid_limits(_bn_tiling.pointwise_grid(biggest))
+    assert not _bn_tiling.within_grid_limits((1, 65_536))
+    big = torch.zeros(1, 1, device=DEVICE).expand(2, 2**30)  # 2**31 elements, no memory
+    assert "2**31" in kernels.supports(big)
+    assert kernels.supports(big[:, : 2**30 - 1]) is None
 
 
 # numpy (the interpreter's engine) warns on inf - inf; filterwarnings=error would turn that into an error

@@ -25,6 +25,7 @@ def batch_norm(
     channel_dim: int = 1,
     nonfinite: str = "skip",
     backend: str | None = None,
+    num_batches_tracked: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Batch normalization over every dimension but the channel one.
 
@@ -55,6 +56,8 @@ def batch_norm(
             them; what they do not take, float64, ..., runs ``"cpu"``: see ``docs/kernels.md``).
             ``$NORMKIT_BACKEND`` sets it for every call that does not pass one. Whichever runs, validation, the
             output's memory format (torch's), the dtype policy and the running-statistics update are the same.
+        num_batches_tracked: a counter to add one to when a training call succeeds (what the modules pass; inside
+            the statistics kernel on ``"triton"``). Default: ``None``.
 
     Shape:
         - Input: :math:`(N, C, *)` (or channels at ``channel_dim``). Output: same shape, dtype and memory format.
@@ -79,6 +82,12 @@ def batch_norm(
         output = _aten.evaluate(x, running_mean, running_var, weight, bias, eps, training)
     elif not training:
         output = _evaluate(name, x, running_mean, running_var, weight, bias, eps)
+    elif name == "triton" and kernels_move_buffers(x, running_mean, running_var, momentum, nonfinite):
+        # one launch for the statistics, the running update and the counter, one for the output
+        output = kernels.batch_norm_train(x, weight, bias, eps, running_mean=running_mean, running_var=running_var,
+                                          num_batches_tracked=num_batches_tracked, momentum=momentum,
+                                          running_var_mode=running_var_mode, nonfinite=nonfinite)[0]
+        return output if channel == 1 else output.view(input.shape)
     elif (name == "cpu" and (running_var_mode == "unbiased" or running_mean is None) and type(momentum) is float
           and not _dispatch.composes_training(x, nonfinite)):
         output = _train_in_place(x, weight, bias, running_mean, running_var, momentum, eps, nonfinite)
@@ -86,7 +95,17 @@ def batch_norm(
         output, mean, var = _train(name, x, weight, bias, eps, nonfinite)
         _stats.update_running_stats(running_mean, running_var, mean, var, x.numel() // max(x.shape[1], 1),
                                     momentum, running_var_mode, nonfinite)
+    if training and num_batches_tracked is not None:  # only after a call that succeeded
+        num_batches_tracked.add_(1)
     return output if channel == 1 else output.view(input.shape)
+
+
+def kernels_move_buffers(x, running_mean, running_var, momentum, nonfinite) -> bool:
+    """Whether the Triton statistics kernel updates the running statistics itself: a float momentum, a policy that
+    needs no host read (not ``"raise"``), buffers the kernel can write (float32/16/bf16 on the input's device)."""
+    return (type(momentum) is float and nonfinite != "raise" and x.numel() > 0
+            and (running_mean is None or all(t.dtype in kernels.BUFFER_DTYPES and t.device == x.device
+                                              for t in (running_mean, running_var))))
 
 
 def _native(input: torch.Tensor, channel: int) -> torch.Tensor:

@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import torch
 
+# Running-statistics dtypes the statistics kernel updates in place (others: the front moves them).
+BUFFER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 
 def batch_norm_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *,
-                     channel_dim: int = 1, activation: str | None = None, residual: torch.Tensor | None = None):
-    """Training batch norm on Triton: ``(y, mean, biased_var)``; see
-    ``normkit.kernels._batch_norm.batch_norm_train``."""
+                     channel_dim: int = 1, activation: str | None = None, residual: torch.Tensor | None = None,
+                     running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
+                     num_batches_tracked: torch.Tensor | None = None, momentum: float = 0.1,
+                     running_var_mode: str = "unbiased", nonfinite: str = "skip"):
+    """Training batch norm on Triton: ``(y, mean, biased_var)``, moving the running statistics and the counter
+    given; see ``normkit.kernels._batch_norm.batch_norm_train``."""
     from ._batch_norm import batch_norm_train as impl
 
-    return impl(x, weight, bias, eps, channel_dim=channel_dim, activation=activation, residual=residual)
+    return impl(x, weight, bias, eps, channel_dim=channel_dim, activation=activation, residual=residual,
+                running_mean=running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked,
+                momentum=momentum, running_var_mode=running_var_mode, nonfinite=nonfinite)
 
 
 def batch_norm_eval(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
@@ -116,5 +124,5 @@ def supports_layer_norm(x: torch.Tensor, normalized_shape) -> str | None:
     return impl(x, normalized_shape)
 
 
-__all__ = ["batch_norm_eval", "batch_norm_train", "group_norm", "layer_norm", "supports", "supports_group_norm",
-           "supports_layer_norm"]
+__all__ = ["BUFFER_DTYPES", "batch_norm_eval", "batch_norm_train", "group_norm", "layer_norm", "supports",
+           "supports_group_norm", "supports_layer_norm"]

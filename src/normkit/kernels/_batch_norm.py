@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from ..functional import _fused
-from ..functional._layout import Layout, layout_of
+from ..functional._layout import layout_of
 from . import _bn_launch as launch
+from . import _bn_ops as _ops
 from ._support import supports
 
 __all__ = ["batch_norm_eval", "batch_norm_train", "supports"]
@@ -33,38 +34,6 @@ def _require_supported(x: torch.Tensor, activation: str | None, residual: torch.
                          f"{residual.dtype}, {residual.device}).")
 
 
-def _affine(weight, bias, channels: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contiguous ``(C,)`` weight and bias; identity ones for ``None``."""
-    w = weight.detach().reshape(-1).contiguous() if weight is not None else torch.ones(channels, device=device)
-    b = bias.detach().reshape(-1).contiguous() if bias is not None else torch.zeros(channels, device=device)
-    return w, b
-
-
-def _backward(ctx, grad_output):
-    """Shared backward of both functions: ``(dx, dweight, dbias, dresidual)``, each ``None`` unless needed."""
-    x, weight, bias, residual, mean, var = ctx.saved_tensors
-    need_x, need_w, need_b, need_r = ctx.need
-    layout, act, training = ctx.layout, ctx.act, ctx.training
-    if torch.is_grad_enabled():  # create_graph=True: the closed form in differentiable torch ops
-        dx, dw, db, dr = _fused.closed_form_backward(grad_output, x, weight, bias, residual, mean, var, ctx.eps,
-                                                     training, layout.channel, act)
-    else:
-        w, b = _affine(weight, bias, layout.channels, x.device)
-        rstd = torch.rsqrt(var + ctx.eps)
-        rc = layout.view(residual) if residual is not None else None
-        dxc, dw, db, dzc = launch.backward(layout.view(grad_output), layout.view(x), layout.kind, w, b, mean, rstd,
-                                           rc, act, training, layout.count, need_x, need_w or need_b,
-                                           need_r and ctx.has_residual)
-        dx = layout.restore(dxc) if dxc is not None else None
-        dr = layout.restore(dzc) if dzc is not None else None
-        dw = dw.to(weight.dtype) if dw is not None and weight is not None else None
-        db = db.to(bias.dtype) if db is not None and bias is not None else None
-    if ctx.has_residual and act is None:
-        dr = grad_output  # without an activation the residual's gradient is dy itself
-    return (dx if need_x else None, dw if need_w else None, db if need_b else None,
-            dr if need_r and ctx.has_residual else None)
-
-
 def _output_like(x: torch.Tensor) -> torch.Tensor:
     """The output: a new tensor (never a view, so in-place ops after the layer work) in ``x``'s memory format, whose
     canonical view shares its storage."""
@@ -73,45 +42,98 @@ def _output_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=cl if channels_last else torch.contiguous_format)
 
 
-def _save(ctx, x, weight, bias, residual, mean, var, layout: Layout, eps, act, training, need):
+def _flat_param(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.detach().reshape(-1) if t is not None else None
+
+
+def train_forward(x, weight, bias, residual, running_mean, running_var, counter, momentum: float, eps: float,
+                  bessel: float, skip_nonfinite: bool, channel: int, act: str | None, traced: bool = False):
+    """``(y, stats)``: the output and the ``(2, C)`` float32 batch mean and biased variance, in two launches that
+    also move the running statistics and the counter (those given). What the ``normkit::bn_train`` op runs."""
+    layout = layout_of(x, channel)
+    xc = layout.view(x)
+    stats = launch.moments(xc, layout.kind, running_mean, running_var, counter, momentum, bessel, skip_nonfinite,
+                           traced)
+    y = _output_like(x)
+    launch.normalize(xc, layout.kind, stats[0], stats[1], _flat_param(weight), _flat_param(bias), eps,
+                     layout.view(residual) if residual is not None else None, act, layout.view(y), traced)
+    return y, stats
+
+
+def eval_forward(x, running_mean, running_var, weight, bias, residual, eps: float, channel: int, act: str | None,
+                 traced: bool = False):
+    """The output normalized by the running statistics, in one launch (``normkit::bn_eval``)."""
+    layout = layout_of(x, channel)
+    y = _output_like(x)
+    launch.normalize(layout.view(x), layout.kind, running_mean, running_var, _flat_param(weight), _flat_param(bias),
+                     eps, layout.view(residual) if residual is not None else None, act, layout.view(y), traced)
+    return y
+
+
+def backward(grad_output, x, weight, bias, residual, mean, var, eps: float, channel: int, act: str | None,
+             training: bool, need: tuple[bool, bool, bool, bool], traced: bool = False):
+    """``(dx, dweight, dbias, dresidual)`` by the kernels (``None`` where not needed), ``normkit::bn_backward``."""
+    layout = layout_of(x, channel)
+    rc = layout.view(residual) if residual is not None else None
+    dxc, dw, db, dzc = launch.backward(layout.view(grad_output), layout.view(x), layout.kind, _flat_param(weight),
+                                       _flat_param(bias), mean, var, eps, rc, act, training, need, traced)
+    dx = layout.restore(dxc) if dxc is not None else None
+    dr = layout.restore(dzc) if dzc is not None else None
+    dw = dw.view(weight.shape) if dw is not None else None
+    db = db.view(bias.shape) if db is not None else None
+    return dx, dw, db, dr
+
+
+def _backward(ctx, grad_output):
+    """Shared backward of both functions: ``(dx, dweight, dbias, dresidual)``, each ``None`` unless needed."""
+    x, weight, bias, residual, mean, var = ctx.saved_tensors
+    need_x, need_w, need_b, need_r = ctx.need
+    if grad_output is None:
+        return None, None, None, None
+    if torch.is_grad_enabled():  # create_graph=True: the closed form in differentiable torch ops
+        dx, dw, db, dr = _fused.closed_form_backward(grad_output, x, weight, bias, residual, mean, var, ctx.eps,
+                                                     ctx.training, ctx.channel, ctx.act)
+    else:
+        need = (need_x, need_w, need_b, need_r and ctx.has_residual and ctx.act is not None)
+        dx, dw, db, dr = _ops.backward(grad_output, x, weight, bias, residual, mean, var, ctx.eps, ctx.channel,
+                                       ctx.act, ctx.training, need)
+    if ctx.has_residual and ctx.act is None:
+        dr = grad_output  # without an activation the residual's gradient is dy itself
+    return (dx if need_x else None, dw if need_w else None, db if need_b else None,
+            dr if need_r and ctx.has_residual else None)
+
+
+def _save(ctx, x, weight, bias, residual, mean, var, eps, channel, act, training, need):
     ctx.save_for_backward(x, weight, bias, residual if act is not None else None, mean, var)
-    ctx.layout, ctx.eps, ctx.act, ctx.training = layout, eps, act, training
+    ctx.eps, ctx.channel, ctx.act, ctx.training = eps, channel, act, training
     ctx.has_residual, ctx.need = residual is not None, need
+    ctx.set_materialize_grads(False)
 
 
 class _TrainFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps: float, channel: int, act: str | None):
-        layout = layout_of(x, channel)
-        xc = layout.view(x)
-        mean, var = launch.moments(xc, layout.kind)
-        w, b = _affine(weight, bias, layout.channels, x.device)
-        rc = layout.view(residual) if residual is not None else None
-        y = _output_like(x)
-        launch.normalize(xc, layout.kind, mean, var, w, b, eps, rc, act, layout.view(y))
-        _save(ctx, x, weight, bias, residual, mean, var, layout, eps, act, True, ctx.needs_input_grad[:4])
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, counter, momentum: float, eps: float,
+                bessel: float, skip_nonfinite: bool, channel: int, act: str | None):
+        y, stats = _ops.train(x, weight, bias, residual, running_mean, running_var, counter, momentum, eps, bessel,
+                              skip_nonfinite, channel, act)
+        mean, var = stats[0], stats[1]
+        _save(ctx, x, weight, bias, residual, mean, var, eps, channel, act, True, ctx.needs_input_grad[:4])
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, grad_output, _grad_mean, _grad_var):
-        return (*_backward(ctx, grad_output), None, None, None)
+        return (*_backward(ctx, grad_output), None, None, None, None, None, None, None, None, None)
 
 
 class _EvalFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, running_mean, running_var, weight, bias, residual, eps: float, channel: int,
                 act: str | None):
-        layout = layout_of(x, channel)
-        # float32 copies: a later update of the buffers must not change this call's gradient
-        mean = running_mean.detach().reshape(-1).to(torch.float32, copy=True)
-        var = running_var.detach().reshape(-1).to(torch.float32, copy=True)
-        w, b = _affine(weight, bias, layout.channels, x.device)
-        rc = layout.view(residual) if residual is not None else None
-        y = _output_like(x)
-        launch.normalize(layout.view(x), layout.kind, mean, var, w, b, eps, rc, act, layout.view(y))
+        y = _ops.evaluate(x, running_mean, running_var, weight, bias, residual, eps, channel, act)
         need = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:6])
-        _save(ctx, x, weight, bias, residual, mean, var, layout, eps, act, False, need)
+        # the buffers themselves, as torch saves them: torch's running update does not bump their version either
+        _save(ctx, x, weight, bias, residual, running_mean, running_var, eps, channel, act, False, need)
         return y
 
     @staticmethod
@@ -121,7 +143,10 @@ class _EvalFunction(torch.autograd.Function):
 
 
 def batch_norm_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *,
-                     channel_dim: int = 1, activation: str | None = None, residual: torch.Tensor | None = None):
+                     channel_dim: int = 1, activation: str | None = None, residual: torch.Tensor | None = None,
+                     running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
+                     num_batches_tracked: torch.Tensor | None = None, momentum: float = 0.1,
+                     running_var_mode: str = "unbiased", nonfinite: str = "skip"):
     r"""Training batch norm on the Triton kernels: ``(y, mean, biased_var)``, ``y`` differentiable.
 
     .. math::
@@ -149,7 +174,12 @@ def batch_norm_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
     """
     _require_supported(x, activation, residual)
     channel = channel_dim % x.dim()
-    return _TrainFunction.apply(x, weight, bias, residual, eps, channel, activation)
+    count = x.numel() // x.shape[channel]
+    bessel = count / (count - 1) if running_var_mode == "unbiased" and count > 1 else 1.0
+    if running_var_mode == "unbiased" and count == 1 and running_var is not None:
+        bessel = float("nan")  # torch's unbiased variance of one value
+    return _TrainFunction.apply(x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
+                                float(momentum), float(eps), bessel, nonfinite == "skip", channel, activation)
 
 
 def batch_norm_eval(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,

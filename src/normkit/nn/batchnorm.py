@@ -82,11 +82,10 @@ class _BatchNormMixin(AtomicStateLoading):
         momentum = self.momentum
         if momentum is None:
             momentum = self._ema_factor()
-        output = batch_norm(input, running_mean, running_var, self.weight, self.bias, uses_batch_stats, momentum,
-                            self.eps, running_var_mode=self.running_var_mode, nonfinite=self.nonfinite)
-        if tracks:  # only after a call that succeeded: a failed call changes nothing
-            counter.add_(1)
-        return output
+        # the counter moves only after a call that succeeded (a failed call changes nothing)
+        return batch_norm(input, running_mean, running_var, self.weight, self.bias, uses_batch_stats, momentum,
+                          self.eps, running_var_mode=self.running_var_mode, nonfinite=self.nonfinite,
+                          num_batches_tracked=counter if tracks else None)
 
 
 _OPTIONS_DOC = """

@@ -7,7 +7,7 @@ import torch
 
 from .. import kernels
 from ..functional import _checks, _dispatch, _layout, _stats
-from ..functional.batch_norm import batch_norm
+from ..functional.batch_norm import batch_norm, kernels_move_buffers
 from . import _scripting
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -61,19 +61,19 @@ class _BatchNormActMixin:
         self._check_residual(input, residual)
         running_mean, running_var, uses_batch_stats = self._buffers_for_call()
         momentum = self._ema_factor()
+        counter = self.num_batches_tracked if self._tracks_this_call() else None
         if input.numel() > 0 and _dispatch.backend_for(
                 input, refusal=lambda: kernels.supports(input, self.act)) == "triton":
-            output = self._fused(input, residual, running_mean, running_var, uses_batch_stats, momentum)
-        else:  # torchvision's block: the norm, then the residual added and the activation applied in place
-            z = batch_norm(input, running_mean, running_var, self.weight, self.bias, uses_batch_stats, momentum,
-                           self.eps, running_var_mode=self.running_var_mode, nonfinite=self.nonfinite)
-            output = self._add_residual_and_act(z, residual)
-        if self._tracks_this_call():  # only after a call that succeeded: a failed call changes nothing
-            self.num_batches_tracked.add_(1)
-        return output
+            return self._fused(input, residual, running_mean, running_var, uses_batch_stats, momentum, counter)
+        # torchvision's block: the norm, then the residual added and the activation applied in place
+        z = batch_norm(input, running_mean, running_var, self.weight, self.bias, uses_batch_stats, momentum,
+                       self.eps, running_var_mode=self.running_var_mode, nonfinite=self.nonfinite,
+                       num_batches_tracked=counter)
+        return self._add_residual_and_act(z, residual)
 
-    def _fused(self, input, residual, running_mean, running_var, uses_batch_stats, momentum):
-        """One Triton kernel for ``act(bn(x) + residual)`` forward and backward, behind batch norm's front."""
+    def _fused(self, input, residual, running_mean, running_var, uses_batch_stats, momentum, counter):
+        """One Triton kernel for ``act(bn(x) + residual)`` forward and backward, behind batch norm's front; the
+        running statistics and ``counter`` move inside the statistics kernel where it can (else here, after it)."""
         _, momentum, _ = _checks.validate_batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                                      uses_batch_stats, momentum, self.eps, self.running_var_mode, 1,
                                                      self.nonfinite)
@@ -81,10 +81,17 @@ class _BatchNormActMixin:
         if not uses_batch_stats:
             return kernels.batch_norm_eval(x, running_mean, running_var, self.weight, self.bias, self.eps,
                                            activation=self.act, residual=residual)
+        if kernels_move_buffers(x, running_mean, running_var, momentum, self.nonfinite):
+            return kernels.batch_norm_train(x, self.weight, self.bias, self.eps, activation=self.act,
+                                            residual=residual, running_mean=running_mean, running_var=running_var,
+                                            num_batches_tracked=counter, momentum=momentum,
+                                            running_var_mode=self.running_var_mode, nonfinite=self.nonfinite)[0]
         output, mean, var = kernels.batch_norm_train(x, self.weight, self.bias, self.eps, activation=self.act,
                                                      residual=residual)
         _stats.update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum,
                                     self.running_var_mode, self.nonfinite)
+        if counter is not None:
+            counter.add_(1)
         return output
 
 
