@@ -128,9 +128,10 @@ def test_reduction_is_split_and_exact_for_a_large_mean():
     from normkit.kernels import _bn_launch
 
     x = make((3, 2, 40), scale=1e-2, shift=1e3)  # mean >> std: no cancellation with the shifted sums
-    assert _bn_launch._split(x, "planes")["tiles"] > 1
-    assert _bn_launch._split(make((37, 12)), "rows")["tiles"] > 1  # as in TRAIN_CASES
-    stats = _bn_launch.moments(x, "planes", None, None, None, 0.1, 1.0, True, traced=False)
+    plan = _bn_launch.plan_for(x, 1)
+    assert plan.kind == "planes" and plan.split["tiles"] > 1
+    assert _bn_launch.plan_for(make((37, 12)), 1).split["tiles"] > 1  # as in TRAIN_CASES
+    stats = _bn_launch.moments(plan, plan.view(x), None, None, None, 0.1, 1.0, True, traced=False)
     m64, v64 = reference.batch_moments(x.double(), 1)
     torch.testing.assert_close(stats[0].double(), m64, rtol=1e-7, atol=0)
     torch.testing.assert_close(stats[1].double(), v64, rtol=1e-5, atol=0)
@@ -139,7 +140,6 @@ def test_reduction_is_split_and_exact_for_a_large_mean():
 def test_no_autotuning_the_launch_is_a_function_of_the_shape():
     """Every process (every DDP rank) picks the same variant for a shape: no kernel autotunes, the split is cached
     by shape and fits CUDA's grid limits; on the interpreter the blocks are the tiny test ones."""
-    import triton
 
     from normkit.kernels import _bn_pointwise, _bn_reduce, _bn_tiling
 

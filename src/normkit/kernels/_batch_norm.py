@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from ..functional import _fused
-from ..functional._layout import layout_of
 from . import _bn_launch as launch
 from . import _bn_ops as _ops
 from ._support import supports
@@ -34,54 +33,50 @@ def _require_supported(x: torch.Tensor, activation: str | None, residual: torch.
                          f"{residual.dtype}, {residual.device}).")
 
 
-def _output_like(x: torch.Tensor) -> torch.Tensor:
-    """The output: a new tensor (never a view, so in-place ops after the layer work) in ``x``'s memory format, whose
-    canonical view shares its storage."""
-    cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    channels_last = cl is not None and not x.is_contiguous() and x.is_contiguous(memory_format=cl)
-    return torch.empty_like(x, memory_format=cl if channels_last else torch.contiguous_format)
-
-
 def _flat_param(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t.detach().reshape(-1) if t is not None else None
+    return t.detach().reshape(-1) if t is not None and t.dim() != 1 else t
 
 
 def train_forward(x, weight, bias, residual, running_mean, running_var, counter, momentum: float, eps: float,
                   bessel: float, skip_nonfinite: bool, channel: int, act: str | None, traced: bool = False):
     """``(y, stats)``: the output and the ``(2, C)`` float32 batch mean and biased variance, in two launches that
     also move the running statistics and the counter (those given). What the ``normkit::bn_train`` op runs."""
-    layout = layout_of(x, channel)
-    xc = layout.view(x)
-    stats = launch.moments(xc, layout.kind, running_mean, running_var, counter, momentum, bessel, skip_nonfinite,
-                           traced)
-    y = _output_like(x)
-    launch.normalize(xc, layout.kind, stats[0], stats[1], _flat_param(weight), _flat_param(bias), eps,
-                     layout.view(residual) if residual is not None else None, act, layout.view(y), traced)
-    return y, stats
+    plan = launch.plan_for(x, channel)
+    xc = plan.view(x)
+    stats = launch.moments(plan, xc, running_mean, running_var, counter, momentum, bessel, skip_nonfinite, traced)
+    y = plan.new_like(x)
+    launch.normalize(plan, xc, stats[0], stats[1], _flat_param(weight), _flat_param(bias), eps,
+                     plan.view(residual) if residual is not None else None, act, plan.view(y) if plan.dense else y,
+                     traced)
+    return plan.result(y), stats
 
 
 def eval_forward(x, running_mean, running_var, weight, bias, residual, eps: float, channel: int, act: str | None,
                  traced: bool = False):
     """The output normalized by the running statistics, in one launch (``normkit::bn_eval``)."""
-    layout = layout_of(x, channel)
-    y = _output_like(x)
-    launch.normalize(layout.view(x), layout.kind, running_mean, running_var, _flat_param(weight), _flat_param(bias),
-                     eps, layout.view(residual) if residual is not None else None, act, layout.view(y), traced)
-    return y
+    plan = launch.plan_for(x, channel)
+    y = plan.new_like(x)
+    launch.normalize(plan, plan.view(x), running_mean, running_var, _flat_param(weight), _flat_param(bias), eps,
+                     plan.view(residual) if residual is not None else None, act, plan.view(y) if plan.dense else y,
+                     traced)
+    return plan.result(y)
 
 
 def backward(grad_output, x, weight, bias, residual, mean, var, eps: float, channel: int, act: str | None,
              training: bool, need: tuple[bool, bool, bool, bool], traced: bool = False):
-    """``(dx, dweight, dbias, dresidual)`` by the kernels (``None`` where not needed), ``normkit::bn_backward``."""
-    layout = layout_of(x, channel)
-    rc = layout.view(residual) if residual is not None else None
-    dxc, dw, db, dzc = launch.backward(layout.view(grad_output), layout.view(x), layout.kind, _flat_param(weight),
-                                       _flat_param(bias), mean, var, eps, rc, act, training, need, traced)
-    dx = layout.restore(dxc) if dxc is not None else None
-    dr = layout.restore(dzc) if dzc is not None else None
-    dw = dw.view(weight.shape) if dw is not None else None
-    db = db.view(bias.shape) if db is not None else None
-    return dx, dw, db, dr
+    """``(dx, dweight, dbias, dresidual)`` by the kernels (``None`` where not needed), ``normkit::bn_backward``.
+    ``dresidual`` is only computed for an activation (else it is ``grad_output`` itself)."""
+    plan = launch.plan_for(x, channel)
+    dx = plan.new_like(x) if need[0] else None
+    dz = plan.new_like(x) if need[3] else None
+    canonical = (lambda t: plan.view(t)) if plan.dense else (lambda t: t)
+    dw, db = launch.backward(plan, plan.view(grad_output), plan.view(x), _flat_param(weight), _flat_param(bias),
+                             mean, var, eps, plan.view(residual) if residual is not None else None, act, training,
+                             need, canonical(dx) if dx is not None else None, canonical(dz) if dz is not None else None,
+                             traced)
+    dw = dw.view(weight.shape) if dw is not None and dw.shape != weight.shape else dw
+    db = db.view(bias.shape) if db is not None and db.shape != bias.shape else db
+    return (plan.result(dx) if dx is not None else None), dw, db, (plan.result(dz) if dz is not None else None)
 
 
 def _backward(ctx, grad_output):
@@ -110,10 +105,23 @@ def _save(ctx, x, weight, bias, residual, mean, var, eps, channel, act, training
     ctx.set_materialize_grads(False)
 
 
+def _needs_graph(*tensors) -> bool:
+    """Whether autograd records this call (grad mode on and a tensor that requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _apply(function, *args):
+    """``function.apply(*args)``; outside functorch transforms straight to the C++ apply, skipping the Python
+    bookkeeping that only those transforms need (about 9 us a call)."""
+    if torch._C._are_functorch_transforms_active() or type(args[0]) is not torch.Tensor:
+        return function.apply(*args)
+    return super(torch.autograd.Function, function).apply(*args)
+
+
 class _TrainFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, running_mean, running_var, counter, momentum: float, eps: float,
-                bessel: float, skip_nonfinite: bool, channel: int, act: str | None):
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, counter, config):
+        momentum, eps, bessel, skip_nonfinite, channel, act = config
         y, stats = _ops.train(x, weight, bias, residual, running_mean, running_var, counter, momentum, eps, bessel,
                               skip_nonfinite, channel, act)
         mean, var = stats[0], stats[1]
@@ -123,13 +131,13 @@ class _TrainFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_mean, _grad_var):
-        return (*_backward(ctx, grad_output), None, None, None, None, None, None, None, None, None)
+        return (*_backward(ctx, grad_output), None, None, None, None)
 
 
 class _EvalFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, running_mean, running_var, weight, bias, residual, eps: float, channel: int,
-                act: str | None):
+    def forward(ctx, x, running_mean, running_var, weight, bias, residual, config):
+        eps, channel, act = config
         y = _ops.evaluate(x, running_mean, running_var, weight, bias, residual, eps, channel, act)
         need = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:6])
         # the buffers themselves, as torch saves them: torch's running update does not bump their version either
@@ -139,7 +147,7 @@ class _EvalFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         dx, dw, db, dr = _backward(ctx, grad_output)
-        return dx, None, None, dw, db, dr, None, None, None
+        return dx, None, None, dw, db, dr, None
 
 
 def batch_norm_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *,
@@ -178,8 +186,11 @@ def batch_norm_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
     bessel = count / (count - 1) if running_var_mode == "unbiased" and count > 1 else 1.0
     if running_var_mode == "unbiased" and count == 1 and running_var is not None:
         bessel = float("nan")  # torch's unbiased variance of one value
-    return _TrainFunction.apply(x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
-                                float(momentum), float(eps), bessel, nonfinite == "skip", channel, activation)
+    config = (float(momentum), float(eps), bessel, nonfinite == "skip", channel, activation)
+    if not _needs_graph(x, weight, bias, residual):
+        y, stats = _ops.train(x, weight, bias, residual, running_mean, running_var, num_batches_tracked, *config)
+        return y, stats[0], stats[1]
+    return _apply(_TrainFunction, x, weight, bias, residual, running_mean, running_var, num_batches_tracked, config)
 
 
 def batch_norm_eval(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
@@ -204,4 +215,7 @@ def batch_norm_eval(x: torch.Tensor, running_mean: torch.Tensor, running_var: to
     """
     _require_supported(x, activation, residual)
     channel = channel_dim % x.dim()
-    return _EvalFunction.apply(x, running_mean, running_var, weight, bias, residual, eps, channel, activation)
+    if not _needs_graph(x, weight, bias, residual):
+        return _ops.evaluate(x, running_mean, running_var, weight, bias, residual, float(eps), channel, activation)
+    return _apply(_EvalFunction, x, running_mean, running_var, weight, bias, residual,
+                  (float(eps), channel, activation))

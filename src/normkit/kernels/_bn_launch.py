@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..functional._layout import layout_of
 from . import _bn_tiling as tiling
 from ._activation import CODES
 from ._options import COMPILE_OPTIONS
@@ -59,97 +60,153 @@ def launch(kernel, grid, args, options, traced: bool) -> None:
     (_traced_launch if traced and LAUNCH is _eager_launch else LAUNCH)(kernel, grid, args, options)
 
 
-def _split(xc: torch.Tensor, kind: str) -> dict:
-    programs = tiling.target_programs(xc.device)
-    if kind == "planes":
-        return tiling.plane_split(xc.shape[0], xc.shape[1], xc.shape[2], programs)
-    return tiling.row_split(xc.shape[0], xc.shape[1], programs)
+class Plan:
+    """What every call on one input geometry shares, computed once: the canonical layout, how to view a tensor of
+    that geometry in it, the reduction split and the pointwise grid (cached by shape, strides, channel, device)."""
+
+    __slots__ = ("layout", "kind", "channel", "canonical", "moved", "dense", "strides", "channels", "size",
+                 "numel", "count", "split", "grid", "options", "memory_format", "kernels")
+
+    def __init__(self, x: torch.Tensor, channel: int):
+        self.layout = layout_of(x, channel)
+        self.kind, self.channel, self.strides = self.layout.kind, channel, x.stride()
+        xc = self.layout.view(x)
+        self.canonical = tuple(xc.shape)
+        self.dense = xc.data_ptr() == x.data_ptr() and x.is_contiguous(memory_format=_format_of(x))
+        self.moved = self.kind == "rows" and not self.layout.channels_last
+        self.channels = xc.shape[1]
+        self.size = xc.shape[2] if self.kind == "planes" else 1
+        self.numel = xc.numel()
+        self.count = self.numel // max(self.channels, 1)
+        programs = tiling.target_programs(x.device)
+        self.split = tiling.plane_split(*self.canonical, programs) if self.kind == "planes" \
+            else tiling.row_split(*self.canonical, programs)
+        self.grid = tiling.pointwise_grid(self.numel)
+        self.options: dict[tuple, dict] = {}
+        self.memory_format = _format_of(x)
+        from . import _bn_pointwise, _bn_reduce
+
+        self.kernels = {"moments": getattr(_bn_reduce, f"moments_{self.kind}"),
+                        "grad_sums": getattr(_bn_reduce, f"grad_sums_{self.kind}"),
+                        "normalize": _bn_pointwise.normalize, "grad_input": _bn_pointwise.grad_input}
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (shaped like the input) in the canonical layout: a view when its strides are the input's and the
+        input is dense, else a copy."""
+        if not self.dense or t.stride() != self.strides:
+            return self.layout.view(t)
+        if self.moved:
+            t = t.movedim(self.channel, -1)
+        return t.view(self.canonical)
+
+    def new_like(self, x: torch.Tensor) -> torch.Tensor:
+        """A new tensor in ``x``'s memory format, shaped like it (its canonical view shares its storage when the
+        plan is dense; otherwise a canonical tensor that :meth:`result` turns back)."""
+        return torch.empty_like(x, memory_format=self.memory_format) if self.dense else torch.empty(
+            self.canonical, dtype=x.dtype, device=x.device)
+
+    def result(self, t: torch.Tensor) -> torch.Tensor:
+        """The tensor made by :meth:`new_like` in the input's shape."""
+        return t if self.dense else self.layout.restore(t)
 
 
-def _reduce_kernel(name: str, kind: str):
-    from . import _bn_reduce
-
-    return getattr(_bn_reduce, f"{name}_{kind}")
-
-
-def _pointwise(xc: torch.Tensor, kind: str) -> tuple[int, int]:
-    """``(C, S)`` of the flat pointwise passes (``S = 1`` on rows)."""
-    return xc.shape[1], (xc.shape[2] if kind == "planes" else 1)
+def _format_of(x: torch.Tensor) -> torch.memory_format:
+    cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if cl is not None and not x.is_contiguous() and x.is_contiguous(memory_format=cl):
+        return cl
+    return torch.contiguous_format
 
 
-def moments(xc, kind, running_mean, running_var, counter, momentum, bessel, skip_nonfinite, traced):
+_PLANS: dict[tuple, Plan] = {}
+
+
+def plan_for(x: torch.Tensor, channel: int) -> Plan:
+    """The cached :class:`Plan` of ``x``'s geometry."""
+    key = (x.shape, x.stride(), channel, x.device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        plan = _PLANS[key] = Plan(x, channel)
+    return plan
+
+
+def moments(plan: Plan, xc, running_mean, running_var, counter, momentum, bessel, skip_nonfinite, traced):
     """The ``(2, C)`` float32 batch mean and biased variance in one launch, which also moves the running statistics
     (if given) and adds one to ``counter`` (if given)."""
-    split = _split(xc, kind)
-    channels = xc.shape[1]
-    part = torch.empty((3, split["tiles"], channels), dtype=torch.float32, device=xc.device)
+    split, channels = plan.split, plan.channels
+    part = torch.empty((3 * split["tiles"] * channels,), dtype=torch.float32, device=xc.device)
     stats = torch.empty((2, channels), dtype=torch.float32, device=xc.device)
     has_running = running_mean is not None
-    anchor = stats  # a float32 tensor for the pointer arguments that are not used
-    args = (xc, part, locks(xc.device, split["locks"], traced), stats, running_mean if has_running else anchor,
-            running_var if has_running else anchor, counter if counter is not None else anchor,
-            *split["args"].values(), float(momentum), float(bessel))
-    blocks = {"BLOCK_P": split["blocks"]["BLOCK_P"], "BLOCK_S": split["blocks"]["BLOCK_S"]} if kind == "planes" \
-        else {"BLOCK_M": split["blocks"]["BLOCK_M"], "BLOCK_C": split["blocks"]["BLOCK_C"]}
-    options = dict(HAS_RUNNING=has_running, SKIP_NONFINITE=bool(skip_nonfinite), HAS_COUNTER=counter is not None,
-                   EVEN=split["even"], **blocks, BLOCK_T=split["blocks"]["BLOCK_T"], num_warps=tiling.REDUCE_WARPS)
-    launch(_reduce_kernel("moments", kind), split["grid"], args, options, traced)
+    key = ("moments", has_running, bool(skip_nonfinite), counter is not None)
+    options = plan.options.get(key)
+    if options is None:
+        blocks = split["blocks"] if plan.kind == "rows" else {k: v for k, v in split["blocks"].items()}
+        options = plan.options[key] = dict(HAS_RUNNING=has_running, SKIP_NONFINITE=bool(skip_nonfinite),
+                                           HAS_COUNTER=counter is not None, EVEN=split["even"], **blocks,
+                                           num_warps=tiling.REDUCE_WARPS)
+    args = (xc, part, locks(xc.device, split["locks"], traced), stats, running_mean if has_running else stats,
+            running_var if has_running else stats, counter if counter is not None else stats,
+            *split["args"].values(), momentum, bessel)
+    launch(plan.kernels["moments"], split["grid"], args, options, traced)
     return stats
 
 
-def normalize(xc, kind, mean, var, weight, bias, eps, residual, act, yc, traced) -> None:
+def normalize(plan: Plan, xc, mean, var, weight, bias, eps, residual, act, yc, traced) -> None:
     """``act((x - mean) * rsqrt(var + eps) * weight + bias (+ residual))`` into ``yc``, in one launch."""
-    from . import _bn_pointwise
-
-    channels, size = _pointwise(xc, kind)
+    key = ("normalize", act, residual is not None, weight is not None, bias is not None)
+    options = plan.options.get(key)
+    if options is None:
+        options = plan.options[key] = dict(ACT=CODES[act], HAS_RES=residual is not None, HAS_W=weight is not None,
+                                           HAS_B=bias is not None, ROWS=plan.kind == "rows",
+                                           BLOCK=tiling.POINTWISE_BLOCK, num_warps=tiling.POINTWISE_WARPS)
     args = (xc, residual if residual is not None else xc, yc, mean, var, weight if weight is not None else mean,
-            bias if bias is not None else mean, xc.numel(), channels, size, float(eps))
-    options = dict(ACT=CODES[act], HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-                   ROWS=kind == "rows", BLOCK=tiling.POINTWISE_BLOCK, num_warps=tiling.POINTWISE_WARPS)
-    launch(_bn_pointwise.normalize, tiling.pointwise_grid(xc.numel()), args, options, traced)
+            bias if bias is not None else mean, plan.numel, plan.channels, plan.size, eps)
+    launch(plan.kernels["normalize"], plan.grid, args, options, traced)
 
 
-def backward(dyc, xc, kind, weight, bias, mean, var, eps, residual, act, training, need, traced):
-    """``(dx, dweight, dbias, dz)`` on the canonical layout, each ``None`` unless ``need`` (input, weight, bias,
-    residual) asks for it; ``dz`` (the pre-activation's gradient, the residual's) is only written for an activation
-    with a residual whose gradient is wanted (without an activation it is ``dy`` itself). Two launches in training,
-    one in evaluation."""
-    from . import _bn_pointwise
-
-    need_x, need_w, need_b, need_r = need
-    channels, size = _pointwise(xc, kind)
-    has_res = residual is not None
-    write_dz = act is not None and has_res and need_r
-    dzc = torch.empty_like(xc) if write_dz else None
-    dxc = torch.empty_like(xc) if need_x else None
+def backward(plan: Plan, dyc, xc, weight, bias, mean, var, eps, residual, act, training, need, dxc, dzc, traced):
+    """Fill ``dxc`` (the input gradient) and ``dzc`` (the pre-activation's gradient, the residual's, only for an
+    activation with a residual whose gradient is wanted; without an activation it is ``dy`` itself), canonical
+    tensors or ``None``; return ``(dweight, dbias)`` (``None`` unless ``need`` asks). Two launches in training, one
+    in evaluation (one pass for the whole backward)."""
+    _, need_w, need_b, _ = need
+    has_res, write_dz = residual is not None, dzc is not None
     dw = torch.empty_like(weight) if need_w and weight is not None else None
     db = torch.empty_like(bias) if need_b and bias is not None else None
-    anchor = mean
-    constants = (mean, var, weight if weight is not None else anchor, bias if bias is not None else anchor)
-    flags = dict(ACT=CODES[act], HAS_RES=has_res, HAS_W=weight is not None, HAS_B=bias is not None)
+    constants = (mean, var, weight if weight is not None else mean, bias if bias is not None else mean)
+    flags = (act, has_res, weight is not None, bias is not None)
     sums = None
     if training or dw is not None or db is not None:
-        split = _split(xc, kind)
-        part = torch.empty((2, split["tiles"], channels), dtype=torch.float32, device=xc.device)
-        sums = torch.empty((2, channels), dtype=torch.float32, device=xc.device)
-        write_dx = not training and need_x
+        split = plan.split
+        part = torch.empty((2 * split["tiles"] * plan.channels,), dtype=torch.float32, device=xc.device)
+        sums = torch.empty((2, plan.channels), dtype=torch.float32, device=xc.device)
+        write_dx = not training and dxc is not None
+        key = ("grad_sums", *flags, write_dz, write_dx, dw is not None, db is not None)
+        options = plan.options.get(key)
+        if options is None:
+            options = plan.options[key] = dict(
+                ACT=CODES[act], HAS_RES=has_res, HAS_W=weight is not None, HAS_B=bias is not None, WRITE_DZ=write_dz,
+                WRITE_DX=write_dx, HAS_DW=dw is not None, HAS_DB=db is not None, **split["blocks"],
+                num_warps=tiling.REDUCE_WARPS)
         args = (dyc, xc, residual if has_res else xc, dzc if write_dz else xc, dxc if write_dx else xc,
                 *constants, part, locks(xc.device, split["locks"], traced), sums,
-                dw if dw is not None else anchor, db if db is not None else anchor, *split["args"].values(),
-                float(eps))
-        blocks = {k: v for k, v in split["blocks"].items()}
-        options = dict(**flags, WRITE_DZ=write_dz, WRITE_DX=write_dx, HAS_DW=dw is not None, HAS_DB=db is not None,
-                       **blocks, num_warps=tiling.REDUCE_WARPS)
-        launch(_reduce_kernel("grad_sums", kind), split["grid"], args, options, traced)
+                dw if dw is not None else mean, db if db is not None else mean, *split["args"].values(), eps)
+        launch(plan.kernels["grad_sums"], split["grid"], args, options, traced)
         if write_dx:
-            return dxc, dw, db, dzc
-    if need_x or (write_dz and sums is None):
-        dxc = dxc if dxc is not None else torch.empty_like(xc)
+            return dw, db
+    if dxc is None and write_dz and sums is None:  # evaluation, only the residual's gradient wanted
+        dxc = torch.empty_like(xc)
+    if dxc is not None:
+        dz_given = write_dz and sums is not None
+        key = ("grad_input", *flags, dz_given, write_dz and sums is None, training)
+        options = plan.options.get(key)
+        if options is None:
+            options = plan.options[key] = dict(
+                ACT=CODES[act], HAS_RES=has_res, HAS_W=weight is not None, HAS_B=bias is not None,
+                DZ_GIVEN=dz_given, WRITE_DZ=write_dz and sums is None, TRAINING=training, ROWS=plan.kind == "rows",
+                BLOCK=tiling.POINTWISE_BLOCK, num_warps=tiling.POINTWISE_WARPS)
         args = (dyc, xc, residual if has_res else xc, dzc if write_dz else xc, dxc, *constants,
-                sums if sums is not None else mean, xc.numel(), channels, size, float(eps), 1.0 / (xc.numel() //
-                                                                                                   channels))
-        options = dict(**flags, DZ_GIVEN=write_dz and sums is not None, WRITE_DZ=write_dz and sums is None,
-                       TRAINING=training, ROWS=kind == "rows", BLOCK=tiling.POINTWISE_BLOCK,
-                       num_warps=tiling.POINTWISE_WARPS)
-        launch(_bn_pointwise.grad_input, tiling.pointwise_grid(xc.numel()), args, options, traced)
-    return (dxc if need_x else None), dw, db, dzc
+                sums if sums is not None else mean, plan.numel, plan.channels, plan.size, eps, 1.0 / plan.count)
+        launch(plan.kernels["grad_input"], plan.grid, args, options, traced)
+    return dw, db

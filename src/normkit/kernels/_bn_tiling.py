@@ -106,7 +106,7 @@ def row_split(rows: int, channels: int, programs: int) -> dict:
 
 def pointwise_grid(numel: int) -> tuple[int]:
     """The 1D grid of a pointwise pass over ``numel`` values."""
-    return (triton.cdiv(numel, POINTWISE_BLOCK),)
+    return (-(-numel // POINTWISE_BLOCK),)
 
 
 def within_grid_limits(grid: tuple[int, ...]) -> bool:
