@@ -104,3 +104,13 @@ docs: $(DOCS_STAMP)
 
 docs-serve: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs serve --strict
+
+# --- GPU check wheels (issue 13): Liger-Kernel for benchmarks/gpu_check.sh's LayerNorm baseline ------------------
+# The device machine has no network: download the liger-kernel wheel here, WITHOUT its dependencies (the device's
+# python3 has torch and triton), into .gpu-wheels/ (git-ignored), and carry it: run(command="bash
+# benchmarks/gpu_check.sh", timeout_s=540, carry=[".gpu-wheels"]). gpu_check.sh installs it into a temporary
+# folder on PYTHONPATH when the folder is there, and skips the Liger baseline with a clear line when it is not.
+.PHONY: gpu-wheels
+
+gpu-wheels: | $(BIN)/python
+	$(BIN)/python -m pip download --no-deps --only-binary=:all: --dest .gpu-wheels liger-kernel
