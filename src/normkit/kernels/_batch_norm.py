@@ -38,32 +38,29 @@ def _flat_param(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def train_forward(x, weight, bias, residual, running_mean, running_var, counter, momentum: float, eps: float,
-                  bessel: float, skip_nonfinite: bool, channel: int, act: str | None, traced: bool = False):
+                  bessel: float, skip_nonfinite: bool, channel: int, act: str | None):
     """``(y, stats)``: the output and the ``(2, C)`` float32 batch mean and biased variance, in two launches that
     also move the running statistics and the counter (those given). What the ``normkit::bn_train`` op runs."""
     plan = launch.plan_for(x, channel)
     xc = plan.view(x)
-    stats = launch.moments(plan, xc, running_mean, running_var, counter, momentum, bessel, skip_nonfinite, traced)
+    stats = launch.moments(plan, xc, running_mean, running_var, counter, momentum, bessel, skip_nonfinite)
     y = plan.new_like(x)
     launch.normalize(plan, xc, stats[0], stats[1], _flat_param(weight), _flat_param(bias), eps,
-                     plan.view(residual) if residual is not None else None, act, plan.view(y) if plan.dense else y,
-                     traced)
+                     plan.view(residual) if residual is not None else None, act, plan.view(y) if plan.dense else y)
     return plan.result(y), stats
 
 
-def eval_forward(x, running_mean, running_var, weight, bias, residual, eps: float, channel: int, act: str | None,
-                 traced: bool = False):
+def eval_forward(x, running_mean, running_var, weight, bias, residual, eps: float, channel: int, act: str | None):
     """The output normalized by the running statistics, in one launch (``normkit::bn_eval``)."""
     plan = launch.plan_for(x, channel)
     y = plan.new_like(x)
     launch.normalize(plan, plan.view(x), running_mean, running_var, _flat_param(weight), _flat_param(bias), eps,
-                     plan.view(residual) if residual is not None else None, act, plan.view(y) if plan.dense else y,
-                     traced)
+                     plan.view(residual) if residual is not None else None, act, plan.view(y) if plan.dense else y)
     return plan.result(y)
 
 
 def backward(grad_output, x, weight, bias, residual, mean, var, eps: float, channel: int, act: str | None,
-             training: bool, need: tuple[bool, bool, bool, bool], traced: bool = False):
+             training: bool, need: tuple[bool, bool, bool, bool]):
     """``(dx, dweight, dbias, dresidual)`` by the kernels (``None`` where not needed), ``normkit::bn_backward``.
     ``dresidual`` is only computed for an activation (else it is ``grad_output`` itself)."""
     plan = launch.plan_for(x, channel)
@@ -72,8 +69,7 @@ def backward(grad_output, x, weight, bias, residual, mean, var, eps: float, chan
     canonical = (lambda t: plan.view(t)) if plan.dense else (lambda t: t)
     dw, db = launch.backward(plan, plan.view(grad_output), plan.view(x), _flat_param(weight), _flat_param(bias),
                              mean, var, eps, plan.view(residual) if residual is not None else None, act, training,
-                             need, canonical(dx) if dx is not None else None, canonical(dz) if dz is not None else None,
-                             traced)
+                             need, canonical(dx) if dx is not None else None, canonical(dz) if dz is not None else None)
     dw = dw.view(weight.shape) if dw is not None and dw.shape != weight.shape else dw
     db = db.view(bias.shape) if db is not None and db.shape != bias.shape else db
     return (plan.result(dx) if dx is not None else None), dw, db, (plan.result(dz) if dz is not None else None)
@@ -113,7 +109,8 @@ def _needs_graph(*tensors) -> bool:
 def _apply(function, *args):
     """``function.apply(*args)``; outside functorch transforms straight to the C++ apply, skipping the Python
     bookkeeping that only those transforms need (about 9 us a call)."""
-    if torch._C._are_functorch_transforms_active() or type(args[0]) is not torch.Tensor:
+    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or type(args[0]) is not torch.Tensor):
         return function.apply(*args)
     return super(torch.autograd.Function, function).apply(*args)
 

@@ -25,14 +25,12 @@ from ._options import COMPILE_OPTIONS
 _LOCKS: dict[tuple, torch.Tensor] = {}
 
 
-def locks(device: torch.device, size: int, traced: bool) -> torch.Tensor:
+def locks(device: torch.device, size: int) -> torch.Tensor:
     """At least ``size`` int32 counters, all zero, that the reduction kernels leave zero again.
 
-    Eagerly one buffer per device and CUDA stream, allocated (zeroed: one launch) on first use and when a call needs
-    more; two calls on one stream run one after the other, so they can share it. Traced (torch.compile, export, fake
-    tensors) a fresh zeroed buffer, which the compiler fuses or folds."""
-    if traced:
-        return torch.zeros(size, dtype=torch.int32, device=device)
+    One buffer per device and CUDA stream, allocated (zeroed: one launch) on first use and when a call needs more;
+    two calls on one stream run one after the other, so they can share it, and a CUDA graph that captured a call
+    replays it with the same, again zeroed, buffer."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
     buffer = _LOCKS.get(key)
@@ -45,19 +43,13 @@ def _eager_launch(kernel, grid, args, options):
     kernel[grid](*args, **options, **COMPILE_OPTIONS)
 
 
-def _traced_launch(kernel, grid, args, options):
-    from torch.library import wrap_triton
-
-    wrap_triton(kernel)[grid](*args, **options)
-
-
 # What runs a kernel: the tests and benchmarks/bench_host.py replace it to count launches or skip them.
 LAUNCH = _eager_launch
 
 
-def launch(kernel, grid, args, options, traced: bool) -> None:
-    """Run ``kernel`` on ``grid`` (through ``torch.library.wrap_triton`` when traced, so compilers see it)."""
-    (_traced_launch if traced and LAUNCH is _eager_launch else LAUNCH)(kernel, grid, args, options)
+def launch(kernel, grid, args, options) -> None:
+    """Run ``kernel`` on ``grid``."""
+    LAUNCH(kernel, grid, args, options)
 
 
 class Plan:
@@ -70,10 +62,10 @@ class Plan:
     def __init__(self, x: torch.Tensor, channel: int):
         self.layout = layout_of(x, channel)
         self.kind, self.channel, self.strides = self.layout.kind, channel, x.stride()
+        self.moved = self.kind == "rows" and not self.layout.channels_last
+        self.dense = (x.movedim(channel, -1) if self.moved else x).is_contiguous()  # its canonical view is a view
         xc = self.layout.view(x)
         self.canonical = tuple(xc.shape)
-        self.dense = xc.data_ptr() == x.data_ptr() and x.is_contiguous(memory_format=_format_of(x))
-        self.moved = self.kind == "rows" and not self.layout.channels_last
         self.channels = xc.shape[1]
         self.size = xc.shape[2] if self.kind == "planes" else 1
         self.numel = xc.numel()
@@ -83,7 +75,7 @@ class Plan:
             else tiling.row_split(*self.canonical, programs)
         self.grid = tiling.pointwise_grid(self.numel)
         self.options: dict[tuple, dict] = {}
-        self.memory_format = _format_of(x)
+        self.memory_format = output_format(x)
         from . import _bn_pointwise, _bn_reduce
 
         self.kernels = {"moments": getattr(_bn_reduce, f"moments_{self.kind}"),
@@ -110,7 +102,8 @@ class Plan:
         return t if self.dense else self.layout.restore(t)
 
 
-def _format_of(x: torch.Tensor) -> torch.memory_format:
+def output_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of a kernel's output for input ``x``: channels_last (3d) stays so, else contiguous."""
     cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
     if cl is not None and not x.is_contiguous() and x.is_contiguous(memory_format=cl):
         return cl
@@ -131,7 +124,7 @@ def plan_for(x: torch.Tensor, channel: int) -> Plan:
     return plan
 
 
-def moments(plan: Plan, xc, running_mean, running_var, counter, momentum, bessel, skip_nonfinite, traced):
+def moments(plan: Plan, xc, running_mean, running_var, counter, momentum, bessel, skip_nonfinite):
     """The ``(2, C)`` float32 batch mean and biased variance in one launch, which also moves the running statistics
     (if given) and adds one to ``counter`` (if given)."""
     split, channels = plan.split, plan.channels
@@ -145,14 +138,14 @@ def moments(plan: Plan, xc, running_mean, running_var, counter, momentum, bessel
         options = plan.options[key] = dict(HAS_RUNNING=has_running, SKIP_NONFINITE=bool(skip_nonfinite),
                                            HAS_COUNTER=counter is not None, EVEN=split["even"], **blocks,
                                            num_warps=tiling.REDUCE_WARPS)
-    args = (xc, part, locks(xc.device, split["locks"], traced), stats, running_mean if has_running else stats,
+    args = (xc, part, locks(xc.device, split["locks"]), stats, running_mean if has_running else stats,
             running_var if has_running else stats, counter if counter is not None else stats,
             *split["args"].values(), momentum, bessel)
-    launch(plan.kernels["moments"], split["grid"], args, options, traced)
+    launch(plan.kernels["moments"], split["grid"], args, options)
     return stats
 
 
-def normalize(plan: Plan, xc, mean, var, weight, bias, eps, residual, act, yc, traced) -> None:
+def normalize(plan: Plan, xc, mean, var, weight, bias, eps, residual, act, yc) -> None:
     """``act((x - mean) * rsqrt(var + eps) * weight + bias (+ residual))`` into ``yc``, in one launch."""
     key = ("normalize", act, residual is not None, weight is not None, bias is not None)
     options = plan.options.get(key)
@@ -162,10 +155,10 @@ def normalize(plan: Plan, xc, mean, var, weight, bias, eps, residual, act, yc, t
                                            BLOCK=tiling.POINTWISE_BLOCK, num_warps=tiling.POINTWISE_WARPS)
     args = (xc, residual if residual is not None else xc, yc, mean, var, weight if weight is not None else mean,
             bias if bias is not None else mean, plan.numel, plan.channels, plan.size, eps)
-    launch(plan.kernels["normalize"], plan.grid, args, options, traced)
+    launch(plan.kernels["normalize"], plan.grid, args, options)
 
 
-def backward(plan: Plan, dyc, xc, weight, bias, mean, var, eps, residual, act, training, need, dxc, dzc, traced):
+def backward(plan: Plan, dyc, xc, weight, bias, mean, var, eps, residual, act, training, need, dxc, dzc):
     """Fill ``dxc`` (the input gradient) and ``dzc`` (the pre-activation's gradient, the residual's, only for an
     activation with a residual whose gradient is wanted; without an activation it is ``dy`` itself), canonical
     tensors or ``None``; return ``(dweight, dbias)`` (``None`` unless ``need`` asks). Two launches in training, one
@@ -190,9 +183,9 @@ def backward(plan: Plan, dyc, xc, weight, bias, mean, var, eps, residual, act, t
                 WRITE_DX=write_dx, HAS_DW=dw is not None, HAS_DB=db is not None, **split["blocks"],
                 num_warps=tiling.REDUCE_WARPS)
         args = (dyc, xc, residual if has_res else xc, dzc if write_dz else xc, dxc if write_dx else xc,
-                *constants, part, locks(xc.device, split["locks"], traced), sums,
+                *constants, part, locks(xc.device, split["locks"]), sums,
                 dw if dw is not None else mean, db if db is not None else mean, *split["args"].values(), eps)
-        launch(plan.kernels["grad_sums"], split["grid"], args, options, traced)
+        launch(plan.kernels["grad_sums"], split["grid"], args, options)
         if write_dx:
             return dw, db
     if dxc is None and write_dz and sums is None:  # evaluation, only the residual's gradient wanted
@@ -208,5 +201,5 @@ def backward(plan: Plan, dyc, xc, weight, bias, mean, var, eps, residual, act, t
                 BLOCK=tiling.POINTWISE_BLOCK, num_warps=tiling.POINTWISE_WARPS)
         args = (dyc, xc, residual if has_res else xc, dzc if write_dz else xc, dxc, *constants,
                 sums if sums is not None else mean, plan.numel, plan.channels, plan.size, eps, 1.0 / plan.count)
-        launch(plan.kernels["grad_input"], plan.grid, args, options, traced)
+        launch(plan.kernels["grad_input"], plan.grid, args, options)
     return dw, db

@@ -1,14 +1,14 @@
 """The batch-norm kernels as torch operators, so that compilers and tracers see them: ``normkit::bn_train``,
-``normkit::bn_eval`` and ``normkit::bn_backward``, registered with ``torch.library.triton_op``.
+``normkit::bn_eval`` and ``normkit::bn_backward`` (``torch.library.custom_op``, each with a fake implementation).
 
-``torch.compile(fullgraph=True)``, ``torch.export`` and fake tensors trace these ops (their fake implementation is
-their own body with the launches recorded, not run, through ``torch.library.wrap_triton``); Inductor can see the
-Triton kernels inside, and CUDA-graph capture records them like any kernel. Eagerly, on plain tensors, the same
-bodies are called directly: a Python operator's dispatch costs tens of microseconds a call, more than the rest of
-the host side (``benchmarks/bench_host.py``). Either way the same code launches the same kernels.
+``torch.compile(fullgraph=True)``, ``torch.export``, ``make_fx`` and fake tensors trace these ops through their fake
+implementations (output shapes, dtypes and memory formats, no launch); the compiled graph calls them like any
+extern kernel, and CUDA-graph capture records their launches. Eagerly, on plain tensors, the same bodies are called
+directly: a Python operator's dispatch costs tens of microseconds a call, more than the rest of the host side
+(``benchmarks/bench_host.py``). Either way the same code launches the same kernels.
 
-``bn_train`` mutates the running statistics and the counter (declared); the ticket counters it uses are left as it
-found them (zero), so they are not an input at all: traced calls get a fresh zeroed buffer.
+``bn_train`` mutates the running statistics and the counter (declared). The ticket counters the reductions use are
+left as they were found (zero), so they are not an input of the ops.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from . import _batch_norm as impl
+from ._bn_launch import output_format
 
 _ACTS = (None, "relu", "silu")
-_EMPTY = ()
 
 
 def _act(code: int) -> str | None:
@@ -30,28 +30,48 @@ def _code(act: str | None) -> int:
     return _ACTS.index(act)
 
 
-@torch.library.triton_op("normkit::bn_train", mutates_args=("running_mean", "running_var", "counter"))
+@torch.library.custom_op("normkit::bn_train", mutates_args=("running_mean", "running_var", "counter"))
 def _bn_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
               running_mean: Tensor | None, running_var: Tensor | None, counter: Tensor | None, momentum: float,
               eps: float, bessel: float, skip_nonfinite: bool, channel: int, act: int) -> tuple[Tensor, Tensor]:
     return impl.train_forward(x, weight, bias, residual, running_mean, running_var, counter, momentum, eps, bessel,
-                              skip_nonfinite, channel, _act(act), traced=True)
+                              skip_nonfinite, channel, _act(act))
 
 
-@torch.library.triton_op("normkit::bn_eval", mutates_args=())
+@_bn_train.register_fake
+def _(x, weight, bias, residual, running_mean, running_var, counter, momentum, eps, bessel, skip_nonfinite, channel,
+      act):
+    stats = x.new_empty((2, x.shape[channel]), dtype=torch.float32)
+    return torch.empty_like(x, memory_format=output_format(x)), stats
+
+
+@torch.library.custom_op("normkit::bn_eval", mutates_args=())
 def _bn_eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None,
              residual: Tensor | None, eps: float, channel: int, act: int) -> Tensor:
-    return impl.eval_forward(x, running_mean, running_var, weight, bias, residual, eps, channel, _act(act),
-                             traced=True)
+    return impl.eval_forward(x, running_mean, running_var, weight, bias, residual, eps, channel, _act(act))
 
 
-@torch.library.triton_op("normkit::bn_backward", mutates_args=())
+@_bn_eval.register_fake
+def _(x, running_mean, running_var, weight, bias, residual, eps, channel, act):
+    return torch.empty_like(x, memory_format=output_format(x))
+
+
+@torch.library.custom_op("normkit::bn_backward", mutates_args=())
 def _bn_backward(grad_output: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
                  residual: Tensor | None, mean: Tensor, var: Tensor, eps: float, channel: int, act: int,
                  training: bool, need: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     results = impl.backward(grad_output, x, weight, bias, residual, mean, var, eps, channel, _act(act), training,
-                            tuple(need), traced=True)
+                            tuple(need))
     return tuple(t if t is not None else x.new_empty(0) for t in results)  # an op returns tensors, never None
+
+
+@_bn_backward.register_fake
+def _(grad_output, x, weight, bias, residual, mean, var, eps, channel, act, training, need):
+    like_x = torch.empty_like(x, memory_format=output_format(x))
+    none = x.new_empty(0)
+    return (like_x if need[0] else none, torch.empty_like(weight) if need[1] and weight is not None else none,
+            torch.empty_like(bias) if need[2] and bias is not None else none,
+            torch.empty_like(x, memory_format=output_format(x)) if need[3] else none)
 
 
 def _eager(x: Tensor) -> bool:

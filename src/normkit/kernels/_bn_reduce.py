@@ -9,9 +9,9 @@ the per-channel results and puts the counter back to zero (the counters live in 
 the counter or the affine gradients.
 
 Forward partials are ``(count, mean - K, M2)`` from per-lane shifted sums (``sum(x - K)``, ``sum((x - K)^2)``: one
-add and one FMA per element, no division), turned into per-lane ``(count, mean, M2)`` and Chan-merged across lanes
-and tiles; ``K`` is the channel's first value, so a mean far larger than the spread costs no precision in float32.
-Backward partials are the plain sums of ``dz`` and ``dz * x_hat``. Canonical layouts (see
+add and one FMA per element, no division, no per-element count), turned into per-lane ``(count, mean, M2)`` and
+Chan-merged across lanes and tiles; ``K`` is the channel's first value, so a mean far larger than the spread costs
+no precision in float32. Backward partials are the plain sums of ``dz`` and ``dz * x_hat``. Canonical layouts (see
 ``normkit.functional._layout``): ``planes`` is a contiguous ``(P, C, S)`` tensor, ``rows`` a contiguous ``(M, C)``.
 """
 
@@ -96,62 +96,66 @@ def _finish_moments(c, c_in, n, mean_rel, m2, shift, stats_ptr, rm_ptr, rv_ptr, 
 
 
 @triton.jit
+def _lane_counts(lo, hi, BLOCK: tl.constexpr):
+    """How many of the chunks ``range(lo, hi, BLOCK)`` each lane ``i`` of a block sees (``lo + k * BLOCK + i < hi``)."""
+    return tl.maximum(hi - lo - tl.arange(0, BLOCK) + BLOCK - 1, 0) // BLOCK
+
+
+@triton.jit
+def _tile_moments(s_acc, q_acc, n_lane, axis: tl.constexpr):
+    """``(count, mean, M2)`` of a tile (along ``axis``) from its lanes' counts and shifted sums: each lane's own
+    moments, Chan-merged across the lanes."""
+    lane_mean, lane_m2 = _lane_moments(n_lane, s_acc, q_acc)
+    n = tl.sum(n_lane + tl.zeros_like(s_acc), axis=axis)
+    tile_mean = tl.sum(s_acc, axis=axis) / tl.maximum(n, 1.0)
+    d = lane_mean - tl.expand_dims(tile_mean, axis)
+    return n, tile_mean, tl.sum(lane_m2 + n_lane * d * d, axis=axis)
+
+
+@triton.jit
 def moments_planes(x_ptr, part_ptr, lock_ptr, stats_ptr, rm_ptr, rv_ptr, counter_ptr, P, C, S, per_tile, span,
                    tiles_s, tiles, momentum, bessel,
                    HAS_RUNNING: tl.constexpr, SKIP_NONFINITE: tl.constexpr, HAS_COUNTER: tl.constexpr,
                    EVEN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr):
     """Partial ``(count, mean - K, M2)`` of channel ``program_id(0)`` over tile ``program_id(1)``; the last tile's
-    program merges them all and finishes (:func:`_finish_moments`). ``EVEN``: the tile is a whole number of
-    ``BLOCK_P x BLOCK_S`` chunks, so the loop runs without masks."""
+    program merges them all and finishes (:func:`_finish_moments`). The hot loop is a load, a subtraction, an add
+    and an FMA per value: masked values load as ``K`` (so they add zero) and each lane's count comes from the loop
+    bounds. ``EVEN``: the tile is a whole number of ``BLOCK_P x BLOCK_S`` chunks, so no masks at all."""
     c = tl.program_id(0)
     t = tl.program_id(1)
     p_lo = (t // tiles_s) * per_tile
     p_hi = tl.minimum(p_lo + per_tile, P)
     s_lo = (t % tiles_s) * span
     s_hi = tl.minimum(s_lo + span, S)
-    shift = tl.load(x_ptr + c * S).to(tl.float32)
+    shift_raw = tl.load(x_ptr + c * S)  # the channel's first value, in the input's dtype
+    shift = shift_raw.to(tl.float32)
     s_acc = tl.zeros((BLOCK_P, BLOCK_S), tl.float32)
     q_acc = tl.zeros((BLOCK_P, BLOCK_S), tl.float32)
-    if EVEN:
-        for p0 in range(p_lo, p_hi, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            for s0 in range(s_lo, s_hi, BLOCK_S):
-                s = s0 + tl.arange(0, BLOCK_S)
-                x = tl.load(x_ptr + (p[:, None] * C + c) * S + s[None, :]).to(tl.float32) - shift
-                s_acc += x
-                q_acc += x * x
-        n_lane = ((p_hi - p_lo) * (s_hi - s_lo) // (BLOCK_P * BLOCK_S)).to(tl.float32)
-        lane_mean, lane_m2 = _lane_moments(n_lane, s_acc, q_acc)
-        n = n_lane * BLOCK_P * BLOCK_S
-        tile_mean = tl.sum(s_acc) / tl.maximum(n, 1.0)
-        d = lane_mean - tile_mean
-        tile_m2 = tl.sum(lane_m2 + n_lane * d * d)
-    else:
-        cnt = tl.zeros((BLOCK_P, BLOCK_S), tl.float32)
-        for p0 in range(p_lo, p_hi, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            for s0 in range(s_lo, s_hi, BLOCK_S):
-                s = s0 + tl.arange(0, BLOCK_S)
-                mask = (p[:, None] < p_hi) & (s[None, :] < s_hi)
-                x = tl.load(x_ptr + (p[:, None] * C + c) * S + s[None, :], mask=mask, other=0.0).to(tl.float32)
-                x = tl.where(mask, x - shift, 0.0)
-                cnt += mask.to(tl.float32)
-                s_acc += x
-                q_acc += x * x
-        lane_mean, lane_m2 = _lane_moments(cnt, s_acc, q_acc)
-        n = tl.sum(cnt)
-        tile_mean = tl.sum(s_acc) / tl.maximum(n, 1.0)
-        d = lane_mean - tile_mean
-        tile_m2 = tl.sum(lane_m2 + cnt * d * d)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            offsets = (p[:, None] * C + c) * S + s[None, :]
+            if EVEN:
+                x = tl.load(x_ptr + offsets)
+            else:
+                x = tl.load(x_ptr + offsets, mask=(p[:, None] < p_hi) & (s[None, :] < s_hi), other=shift_raw)
+            x = x.to(tl.float32) - shift
+            s_acc += x
+            q_acc += x * x
+    n_lane = (_lane_counts(p_lo, p_hi, BLOCK_P)[:, None] * _lane_counts(s_lo, s_hi, BLOCK_S)[None, :]).to(tl.float32)
+    tile_n, tile_mean, tile_m2 = _tile_moments(tl.reshape(s_acc, (BLOCK_P * BLOCK_S,)),
+                                               tl.reshape(q_acc, (BLOCK_P * BLOCK_S,)),
+                                               tl.reshape(n_lane, (BLOCK_P * BLOCK_S,)), 0)
     i = t * C + c
-    tl.store(part_ptr + i, n)
+    tl.store(part_ptr + i, tile_n)
     tl.store(part_ptr + tiles * C + i, tile_mean)
     tl.store(part_ptr + 2 * tiles * C + i, tile_m2)
     if _last_ticket(lock_ptr + c, tiles):
         cv = c + tl.arange(0, 1)  # the channel as a block of one, as the rows kernel's blocks
-        n, mean_rel, m2 = _merge_moment_tiles(part_ptr, cv, cv < C, tiles, C, BLOCK_T)
-        _finish_moments(cv, cv < C, n, mean_rel, m2, shift, stats_ptr, rm_ptr, rv_ptr, counter_ptr, C, momentum,
-                        bessel, HAS_RUNNING, SKIP_NONFINITE, HAS_COUNTER)
+        n_all, mean_rel, m2 = _merge_moment_tiles(part_ptr, cv, cv < C, tiles, C, BLOCK_T)
+        _finish_moments(cv, cv < C, n_all, mean_rel, m2, shift, stats_ptr, rm_ptr, rv_ptr, counter_ptr, C,
+                        momentum, bessel, HAS_RUNNING, SKIP_NONFINITE, HAS_COUNTER)
 
 
 @triton.jit
@@ -159,51 +163,38 @@ def moments_rows(x_ptr, part_ptr, lock_ptr, stats_ptr, rm_ptr, rv_ptr, counter_p
                  momentum, bessel,
                  HAS_RUNNING: tl.constexpr, SKIP_NONFINITE: tl.constexpr, HAS_COUNTER: tl.constexpr,
                  EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Partial ``(count, mean - K, M2)`` of channel block ``program_id(0)`` over row tile ``program_id(1)``; the
-    last program of the block merges and finishes. ``EVEN``: whole chunks and every channel of the block real."""
+    """Partial ``(count, mean - K, M2)`` of channel block ``program_id(0)`` over row tile ``program_id(1)`` (the
+    hot loop as in :func:`moments_planes`); the last program of the block merges and finishes. ``EVEN``: whole
+    chunks and every channel of the block real."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_in = c < C
     t = tl.program_id(1)
     r_lo = t * per_tile
     r_hi = tl.minimum(r_lo + per_tile, M)
-    shift = tl.load(x_ptr + c, mask=c_in, other=0.0).to(tl.float32)
+    shift_raw = tl.load(x_ptr + c, mask=c_in, other=0.0)  # row 0, in the input's dtype
+    shift = shift_raw.to(tl.float32)[None, :]
     s_acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     q_acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
-    if EVEN:
-        for r0 in range(r_lo, r_hi, BLOCK_M):
-            r = r0 + tl.arange(0, BLOCK_M)
-            x = tl.load(x_ptr + r[:, None] * C + c[None, :]).to(tl.float32) - shift[None, :]
-            s_acc += x
-            q_acc += x * x
-        n_lane = ((r_hi - r_lo) // BLOCK_M).to(tl.float32)
-        lane_mean, lane_m2 = _lane_moments(n_lane, s_acc, q_acc)
-        n = tl.zeros((BLOCK_C,), tl.float32) + n_lane * BLOCK_M
-        tile_mean = tl.sum(s_acc, axis=0) / tl.maximum(n, 1.0)
-        d = lane_mean - tile_mean[None, :]
-        tile_m2 = tl.sum(lane_m2 + n_lane * d * d, axis=0)
-    else:
-        cnt = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
-        for r0 in range(r_lo, r_hi, BLOCK_M):
-            r = r0 + tl.arange(0, BLOCK_M)
-            mask = (r[:, None] < r_hi) & c_in[None, :]
-            x = tl.load(x_ptr + r[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            x = tl.where(mask, x - shift[None, :], 0.0)
-            cnt += mask.to(tl.float32)
-            s_acc += x
-            q_acc += x * x
-        lane_mean, lane_m2 = _lane_moments(cnt, s_acc, q_acc)
-        n = tl.sum(cnt, axis=0)
-        tile_mean = tl.sum(s_acc, axis=0) / tl.maximum(n, 1.0)
-        d = lane_mean - tile_mean[None, :]
-        tile_m2 = tl.sum(lane_m2 + cnt * d * d, axis=0)
+    for r0 in range(r_lo, r_hi, BLOCK_M):
+        r = r0 + tl.arange(0, BLOCK_M)
+        offsets = r[:, None] * C + c[None, :]
+        if EVEN:
+            x = tl.load(x_ptr + offsets)
+        else:
+            x = tl.load(x_ptr + offsets, mask=(r[:, None] < r_hi) & c_in[None, :], other=shift_raw[None, :])
+        x = x.to(tl.float32) - shift
+        s_acc += x
+        q_acc += x * x
+    n_lane = _lane_counts(r_lo, r_hi, BLOCK_M).to(tl.float32)[:, None]
+    tile_n, tile_mean, tile_m2 = _tile_moments(s_acc, q_acc, n_lane, 0)
     i = t * C + c
-    tl.store(part_ptr + i, n, mask=c_in)
+    tl.store(part_ptr + i, tile_n, mask=c_in)
     tl.store(part_ptr + tiles * C + i, tile_mean, mask=c_in)
     tl.store(part_ptr + 2 * tiles * C + i, tile_m2, mask=c_in)
     if _last_ticket(lock_ptr + tl.program_id(0), tiles):
-        n, mean_rel, m2 = _merge_moment_tiles(part_ptr, c, c_in, tiles, C, BLOCK_T)
-        _finish_moments(c, c_in, n, mean_rel, m2, shift, stats_ptr, rm_ptr, rv_ptr, counter_ptr, C, momentum,
-                        bessel, HAS_RUNNING, SKIP_NONFINITE, HAS_COUNTER)
+        n_all, mean_rel, m2 = _merge_moment_tiles(part_ptr, c, c_in, tiles, C, BLOCK_T)
+        _finish_moments(c, c_in, n_all, mean_rel, m2, shift_raw.to(tl.float32), stats_ptr, rm_ptr, rv_ptr,
+                        counter_ptr, C, momentum, bessel, HAS_RUNNING, SKIP_NONFINITE, HAS_COUNTER)
 
 
 @triton.jit
