@@ -6,8 +6,11 @@ A group ``(n, g)`` is the ``K x S`` block of channels ``g*K .. g*K+K-1`` of samp
 
 Statistics: each tile gives its exact count, mean and M2 (centred in registers), merged into the running triple
 with Chan's formula. Small groups: one program per group does statistics, then normalization (``*_fused``). Large
-groups: ``SPLITS`` programs per group each cover a range of positions and write a partial triple; the apply
-kernels merge the partials of their group (Chan, vectorised) and normalize their range.
+groups: ``SPLITS = SPLITS_C * SPLITS_S`` programs per group each cover a chunk of ``CHUNK_C`` channels by
+``CHUNK_S`` positions and write a partial triple; the apply kernels merge the partials of their group (Chan,
+vectorised) and normalize their chunk. Grids are one-dimensional: program ``group * SPLITS + j`` (``group = n * G +
+g``), chunk ``j = jc * SPLITS_S + js``. No autotuning: the host passes ``num_warps`` from its config table
+(``_tuning``).
 
 Activation codes (``ACT``) are those of ``_activation.CODES``; the activation follows the affine.
 """
@@ -18,9 +21,6 @@ import triton
 import triton.language as tl
 
 from ._activation import activate, activation_grad
-from ._tuning import warp_configs
-
-_KEY = ["K", "S", "BLOCK_C", "BLOCK_S"]
 
 
 @triton.jit
@@ -79,7 +79,21 @@ def _range_apply(X, Y, W, B, mean, rstd, K, s_start, s_end, stride_c, stride_s,
             tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=warp_configs(2, 4, 8, 16), key=_KEY)
+@triton.jit
+def _chunk(pid, G, K, S, CHUNK_C, CHUNK_S, SPLITS_S, SPLITS):
+    """Of program ``pid`` of a split launch: ``(group, n, g, js, c_start, c_len, s_start, s_end)``: its group
+    ``n * G + g``, its position split ``js``, its channels ``c_start .. c_start + c_len - 1`` of the group and its
+    positions ``s_start .. s_end - 1``."""
+    group = pid // SPLITS
+    j = pid % SPLITS
+    jc = j // SPLITS_S
+    js = j % SPLITS_S
+    c_start = jc * CHUNK_C
+    s_start = js * CHUNK_S
+    return (group, group // G, group % G, js, c_start, tl.minimum(CHUNK_C, K - c_start), s_start,
+            tl.minimum(s_start + CHUNK_S, S))
+
+
 @triton.jit
 def gn_fwd_fused(X, Y, W, B, MEAN, RSTD, G, K, S, stride_n, stride_c, stride_s, eps,
                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
@@ -97,31 +111,26 @@ def gn_fwd_fused(X, Y, W, B, MEAN, RSTD, G, K, S, stride_n, stride_c, stride_s, 
                  HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S)
 
 
-@triton.autotune(configs=warp_configs(2, 4, 8, 16), key=_KEY)
 @triton.jit
-def gn_fwd_partial(X, PART, G, K, S, stride_n, stride_c, stride_s, CHUNK_S, SPLITS,
+def gn_fwd_partial(X, PART, G, K, S, stride_n, stride_c, stride_s, CHUNK_C, CHUNK_S, SPLITS_S, SPLITS,
                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Program ``(group, j)``: (count, mean, M2) of positions ``j*CHUNK_S ..`` into ``PART[group, j, :]``."""
+    """Program ``p`` (chunk ``j`` of ``group``): the chunk's (count, mean, M2) into ``PART[p, :]``."""
     pid = tl.program_id(0)
-    j = tl.program_id(1)
-    n = pid // G
-    g = pid % G
-    base = n.to(tl.int64) * stride_n + (g * K).to(tl.int64) * stride_c
-    s_start = j * CHUNK_S
-    s_end = tl.minimum(s_start + CHUNK_S, S)
-    count, mean, m2 = _range_moments(X + base, K, s_start, s_end, stride_c, stride_s, BLOCK_C, BLOCK_S)
-    out = PART + (pid * SPLITS + j) * 3
+    group, n, g, js, c_start, c_len, s_start, s_end = _chunk(pid, G, K, S, CHUNK_C, CHUNK_S, SPLITS_S, SPLITS)
+    base = n.to(tl.int64) * stride_n + (g * K + c_start).to(tl.int64) * stride_c
+    count, mean, m2 = _range_moments(X + base, c_len, s_start, s_end, stride_c, stride_s, BLOCK_C, BLOCK_S)
+    out = PART + pid.to(tl.int64) * 3
     tl.store(out, count)
     tl.store(out + 1, mean)
     tl.store(out + 2, m2)
 
 
 @triton.jit
-def _merge_partials(PART, pid, SPLITS, BLOCK_P: tl.constexpr):
+def _merge_partials(PART, group, SPLITS, BLOCK_P: tl.constexpr):
     """(count, mean, M2) of a whole group from its ``SPLITS`` partial triples (Chan's formula for many parts)."""
     p = tl.arange(0, BLOCK_P)
     pmask = p < SPLITS
-    row = PART + (pid * SPLITS + p) * 3
+    row = PART + (group.to(tl.int64) * SPLITS + p) * 3
     counts = tl.load(row, mask=pmask, other=0.0)
     means = tl.load(row + 1, mask=pmask, other=0.0)
     m2s = tl.load(row + 2, mask=pmask, other=0.0)
@@ -131,26 +140,22 @@ def _merge_partials(PART, pid, SPLITS, BLOCK_P: tl.constexpr):
     return count, mean, tl.sum(m2s, axis=0) + tl.sum(counts * d * d, axis=0)
 
 
-@triton.autotune(configs=warp_configs(2, 4, 8, 16), key=_KEY)
 @triton.jit
-def gn_fwd_apply(X, Y, W, B, PART, MEAN, RSTD, G, K, S, stride_n, stride_c, stride_s, eps, CHUNK_S, SPLITS,
-                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+def gn_fwd_apply(X, Y, W, B, PART, MEAN, RSTD, G, K, S, stride_n, stride_c, stride_s, eps, CHUNK_C, CHUNK_S,
+                 SPLITS_S, SPLITS, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Program ``(group, j)``: merges the group's partials, normalizes positions ``j*CHUNK_S ..``; ``j == 0``
+    """Program ``p`` (chunk ``j`` of ``group``): merges the group's partials, normalizes the chunk; ``j == 0``
     stores the group's mean and rstd."""
     pid = tl.program_id(0)
-    j = tl.program_id(1)
-    n = pid // G
-    g = pid % G
-    count, mean, m2 = _merge_partials(PART, pid, SPLITS, BLOCK_P)
+    group, n, g, js, c_start, c_len, s_start, s_end = _chunk(pid, G, K, S, CHUNK_C, CHUNK_S, SPLITS_S, SPLITS)
+    count, mean, m2 = _merge_partials(PART, group, SPLITS, BLOCK_P)
     rstd = 1.0 / tl.sqrt(m2 / count + eps)
-    if j == 0:
-        tl.store(MEAN + pid, mean)
-        tl.store(RSTD + pid, rstd)
-    base = n.to(tl.int64) * stride_n + (g * K).to(tl.int64) * stride_c
-    s_start = j * CHUNK_S
-    s_end = tl.minimum(s_start + CHUNK_S, S)
-    _range_apply(X + base, Y + base, W + g * K, B + g * K, mean, rstd, K, s_start, s_end, stride_c, stride_s,
+    if pid % SPLITS == 0:
+        tl.store(MEAN + group, mean)
+        tl.store(RSTD + group, rstd)
+    base = n.to(tl.int64) * stride_n + (g * K + c_start).to(tl.int64) * stride_c
+    first = g * K + c_start
+    _range_apply(X + base, Y + base, W + first, B + first, mean, rstd, c_len, s_start, s_end, stride_c, stride_s,
                  HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S)
 
 
@@ -219,7 +224,6 @@ def _range_grad_input(X, DY, DX, W, B, mean, rstd, mean_g, mean_gx, K, s_start, 
             tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=warp_configs(2, 4, 8, 16), key=_KEY)
 @triton.jit
 def gn_bwd_fused(X, DY, DX, W, B, MEAN, RSTD, DWP, DBP, G, K, S, C, stride_n, stride_c, stride_s,
                  dy_stride_n, dy_stride_c, dy_stride_s,
@@ -242,53 +246,45 @@ def gn_bwd_fused(X, DY, DX, W, B, MEAN, RSTD, DWP, DBP, G, K, S, C, stride_n, st
                       K, 0, S, stride_c, stride_s, dy_stride_c, dy_stride_s, HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S)
 
 
-@triton.autotune(configs=warp_configs(2, 4, 8, 16), key=_KEY)
 @triton.jit
 def gn_bwd_partial(X, DY, W, B, MEAN, RSTD, PART, DWP, DBP, G, K, S, C, stride_n, stride_c, stride_s,
-                   dy_stride_n, dy_stride_c, dy_stride_s, CHUNK_S, SPLITS,
+                   dy_stride_n, dy_stride_c, dy_stride_s, CHUNK_C, CHUNK_S, SPLITS_S, SPLITS,
                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Program ``(group, j)``: partial group sums into ``PART[group, j, :2]``, channel partials into
-    ``DWP/DBP[n * SPLITS + j, c]``."""
+    """Program ``p`` (chunk ``j`` of ``group``): the chunk's partial group sums into ``PART[p, :2]``, its channels'
+    partials into ``DWP/DBP[n * SPLITS_S + js, c]``."""
     pid = tl.program_id(0)
-    j = tl.program_id(1)
-    n = pid // G
-    g = pid % G
-    base = n.to(tl.int64) * stride_n + (g * K).to(tl.int64) * stride_c
-    dy_base = n.to(tl.int64) * dy_stride_n + (g * K).to(tl.int64) * dy_stride_c
-    mean = tl.load(MEAN + pid)
-    rstd = tl.load(RSTD + pid)
-    s_start = j * CHUNK_S
-    s_end = tl.minimum(s_start + CHUNK_S, S)
-    part = (n * SPLITS + j).to(tl.int64) * C + g * K
-    sum_g, sum_gx = _range_grad_sums(X + base, DY + dy_base, W + g * K, B + g * K, DWP + part, DBP + part,
-                                     mean, rstd, K, s_start, s_end, stride_c, stride_s, dy_stride_c, dy_stride_s,
-                                     HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S)
-    out = PART + (pid * SPLITS + j) * 2
+    group, n, g, js, c_start, c_len, s_start, s_end = _chunk(pid, G, K, S, CHUNK_C, CHUNK_S, SPLITS_S, SPLITS)
+    first = g * K + c_start
+    base = n.to(tl.int64) * stride_n + first.to(tl.int64) * stride_c
+    dy_base = n.to(tl.int64) * dy_stride_n + first.to(tl.int64) * dy_stride_c
+    mean = tl.load(MEAN + group)
+    rstd = tl.load(RSTD + group)
+    part = (n * SPLITS_S + js).to(tl.int64) * C + first
+    sum_g, sum_gx = _range_grad_sums(X + base, DY + dy_base, W + first, B + first, DWP + part, DBP + part,
+                                     mean, rstd, c_len, s_start, s_end, stride_c, stride_s, dy_stride_c,
+                                     dy_stride_s, HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S)
+    out = PART + pid.to(tl.int64) * 2
     tl.store(out, sum_g)
     tl.store(out + 1, sum_gx)
 
 
-@triton.autotune(configs=warp_configs(2, 4, 8, 16), key=_KEY)
 @triton.jit
 def gn_bwd_apply(X, DY, DX, W, B, MEAN, RSTD, PART, G, K, S, stride_n, stride_c, stride_s,
-                 dy_stride_n, dy_stride_c, dy_stride_s, CHUNK_S, SPLITS,
+                 dy_stride_n, dy_stride_c, dy_stride_s, CHUNK_C, CHUNK_S, SPLITS_S, SPLITS,
                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Program ``(group, j)``: sums the group's partial sums, writes dx over positions ``j*CHUNK_S ..``."""
+    """Program ``p`` (chunk ``j`` of ``group``): sums the group's partial sums, writes dx over the chunk."""
     pid = tl.program_id(0)
-    j = tl.program_id(1)
-    n = pid // G
-    g = pid % G
+    group, n, g, js, c_start, c_len, s_start, s_end = _chunk(pid, G, K, S, CHUNK_C, CHUNK_S, SPLITS_S, SPLITS)
     p = tl.arange(0, BLOCK_P)
-    row = PART + (pid * SPLITS + p) * 2
+    row = PART + (group.to(tl.int64) * SPLITS + p) * 2
     m = K * S * 1.0
     mean_g = tl.sum(tl.load(row, mask=p < SPLITS, other=0.0), axis=0) / m
     mean_gx = tl.sum(tl.load(row + 1, mask=p < SPLITS, other=0.0), axis=0) / m
-    base = n.to(tl.int64) * stride_n + (g * K).to(tl.int64) * stride_c
-    dy_base = n.to(tl.int64) * dy_stride_n + (g * K).to(tl.int64) * dy_stride_c
-    s_start = j * CHUNK_S
-    s_end = tl.minimum(s_start + CHUNK_S, S)
-    _range_grad_input(X + base, DY + dy_base, DX + base, W + g * K, B + g * K, tl.load(MEAN + pid),
-                      tl.load(RSTD + pid), mean_g, mean_gx, K, s_start, s_end, stride_c, stride_s,
+    first = g * K + c_start
+    base = n.to(tl.int64) * stride_n + first.to(tl.int64) * stride_c
+    dy_base = n.to(tl.int64) * dy_stride_n + first.to(tl.int64) * dy_stride_c
+    _range_grad_input(X + base, DY + dy_base, DX + base, W + first, B + first, tl.load(MEAN + group),
+                      tl.load(RSTD + group), mean_g, mean_gx, c_len, s_start, s_end, stride_c, stride_s,
                       dy_stride_c, dy_stride_s, HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S)

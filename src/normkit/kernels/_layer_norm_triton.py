@@ -6,6 +6,8 @@ formula, then a second pass writes the output.
 
 Backward: program ``p`` owns a contiguous range of rows; it writes their ``dx`` and one row ``p`` of partial sums
 of ``dy * xhat`` and ``dy`` (the weight and bias gradients are those partials summed over programs: no atomics).
+
+No autotuning: the host passes ``num_warps`` from its config table (``_tuning``).
 """
 
 from __future__ import annotations
@@ -13,12 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tuning import warp_configs
 
-_KEY = ["D", "ROWS", "BLOCK_D", "SINGLE"]
-
-
-@triton.autotune(configs=warp_configs(1, 2, 4, 8, 16), key=_KEY)
 @triton.jit
 def ln_fwd(X, Y, W, B, MEAN, RSTD, M, D, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
            ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr):
@@ -87,7 +84,6 @@ def _row_tile(X, DY, MEAN, RSTD, W, rows, rmask, cols, D, dy_stride_r, dy_stride
     return xhat, dy, g, mask, rstd
 
 
-@triton.autotune(configs=warp_configs(1, 2, 4, 8, 16), key=_KEY)
 @triton.jit
 def ln_bwd(X, DY, DX, W, MEAN, RSTD, DWP, DBP, SUMS, M, D, ROWS_PER_PROGRAM, dy_stride_r, dy_stride_d,
            HAS_W: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr):
