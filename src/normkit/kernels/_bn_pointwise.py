@@ -49,11 +49,14 @@ def grad_input(dy_ptr, x_ptr, r_ptr, dz_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b
                DZ_GIVEN: tl.constexpr, WRITE_DZ: tl.constexpr, TRAINING: tl.constexpr, ROWS: tl.constexpr,
                BLOCK: tl.constexpr):
     """``dx = w * rstd * (dz - mean(dz) - x_hat * mean(dz * x_hat))`` in training, ``w * rstd * dz`` with running
-    statistics; ``dz`` is read (``DZ_GIVEN``) or recomputed from ``dy`` and the activation (and then stored when
-    ``WRITE_DZ``); ``sums`` holds ``sum(dz)`` then ``sum(dz * x_hat)`` per channel."""
+    statistics (then ``x`` is read only to recompute an activation's derivative); ``dz`` is read (``DZ_GIVEN``) or
+    recomputed from ``dy`` and the activation (and then stored when ``WRITE_DZ``); ``sums`` holds ``sum(dz)`` then
+    ``sum(dz * x_hat)`` per channel."""
     i, mask, ch = _flat(numel, C, S, ROWS, BLOCK)
     mean, rstd, w, b = _channel_constants(mean_ptr, var_ptr, w_ptr, b_ptr, ch, mask, eps, HAS_W, HAS_B)
-    x_hat = (tl.load(x_ptr + i, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+    x_hat = 0.0
+    if TRAINING or (ACT != 0 and not DZ_GIVEN):  # evaluation without an activation never reads x
+        x_hat = (tl.load(x_ptr + i, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
     if DZ_GIVEN:
         dz = tl.load(dz_ptr + i, mask=mask, other=0.0).to(tl.float32)
     else:
