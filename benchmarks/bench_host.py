@@ -59,6 +59,11 @@ def _step(layer, x, grad):
 
 def count_launches(layer, x, grad) -> tuple[list[str], list[str]]:
     """``(triton kernel names, aten op names)`` launched by one training step."""
+    return count(lambda: _step(layer, x, grad))
+
+
+def count(fn) -> tuple[list[str], list[str]]:
+    """``(triton kernel names, aten op names)`` launched by ``fn()``."""
     from normkit.kernels import _bn_launch
 
     kernels: list[str] = []
@@ -72,7 +77,7 @@ def count_launches(layer, x, grad) -> tuple[list[str], list[str]]:
     _bn_launch.LAUNCH = record
     try:
         with AtenLaunches() as aten:
-            _step(layer, x, grad)
+            fn()
     finally:
         _bn_launch.LAUNCH = original
     return kernels, aten.ops

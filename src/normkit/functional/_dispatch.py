@@ -33,6 +33,36 @@ SHORT_PLANE = 2048
 CPU_PLAN: dict[str, str] = {"planes": "aten", "short_planes": "aten", "rows": "aten"}
 
 
+# Which calls on CUDA tensors run normkit's Triton kernels by default, per (op, layout, dtype, size class): "triton"
+# only where `bash benchmarks/gpu_check.sh` measured the kernel faster than torch eager and torch.compile for that
+# class (the report's suggested plan, committed to BENCHMARKS.md); a key not in the table runs torch's kernels. No
+# GPU run has measured the kernels yet, so the table is empty: every CUDA call runs ATen behind normkit's front.
+# backend="triton" / NORMKIT_BACKEND=triton opt in regardless. Keys: op in batch_norm_train, batch_norm_eval,
+# batch_norm_act_train, batch_norm_act_eval, group_norm, layer_norm; layout nchw, channels_last, rows; dtype
+# float32, float16, bfloat16; size "small" or "large" (at least CUDA_LARGE elements).
+CUDA_PLAN: dict[tuple[str, str, str, str], str] = {}
+CUDA_LARGE = 2**22
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def cuda_plan_key(op: str, x: torch.Tensor) -> tuple[str, str, str, str]:
+    """The CUDA_PLAN key of a call of ``op`` on ``x`` (``(N, C, *)``; 2D inputs and layer norm's rows are "rows")."""
+    if x.dim() <= 2 or op == "layer_norm":
+        layout = "rows"
+    elif not x.is_contiguous() and x.movedim(1, -1).is_contiguous():
+        layout = "channels_last"
+    else:
+        layout = "nchw"
+    size = "large" if x.numel() >= CUDA_LARGE else "small"
+    return op, layout, _DTYPE_NAMES.get(x.dtype, str(x.dtype).removeprefix("torch.")), size
+
+
+def planned(op: str | None, x: torch.Tensor) -> bool:
+    """Whether CUDA_PLAN sends this call to the Triton kernels (only ever for CUDA tensors)."""
+    return bool(CUDA_PLAN) and op is not None and x.device.type == "cuda" and CUDA_PLAN.get(
+        cuda_plan_key(op, x)) == "triton"
+
+
 _ENV_KEY = "NORMKIT_BACKEND"
 
 
@@ -50,8 +80,9 @@ _ENV_KEY_ENCODED = os.environ.encodekey(_ENV_KEY) if hasattr(os.environ, "encode
 
 
 def backend_for(x: torch.Tensor, requested: str | None = None, *,
-                refusal: Callable[[], str | None] | None = None) -> str:
-    """The backend for one call: ``requested``, else ``$NORMKIT_BACKEND``, else ``"cpu"``.
+                refusal: Callable[[], str | None] | None = None, op: str | None = None) -> str:
+    """The backend for one call: ``requested``, else ``$NORMKIT_BACKEND``, else ``"triton"`` where ``CUDA_PLAN``
+    has measured the kernels faster for ``op`` on this kind of CUDA call, else ``"cpu"``.
 
     ``"cpu"`` is torch's own ATen ops behind normkit's front and runs on every device, CUDA included: normkit's
     Triton kernels are correct under Triton's interpreter but have not been measured on a GPU yet, so until a GPU
@@ -70,7 +101,9 @@ def backend_for(x: torch.Tensor, requested: str | None = None, *,
     """
     name = requested or requested_by_environment()
     if name is None:
-        return "cpu"
+        if not planned(op, x):
+            return "cpu"
+        name = "triton"
     if name not in BACKENDS:
         raise ValueError(
             f"unknown normkit backend {name!r}; expected one of {', '.join(map(repr, BACKENDS))} "

@@ -75,7 +75,7 @@ def batch_norm(
     channel, momentum, eps = _checks.validate_batch_norm(input, running_mean, running_var, weight, bias, training,
                                                          momentum, eps, running_var_mode, channel_dim, nonfinite)
     x = _native(input, channel)
-    name = _dispatch.backend_for(x, backend)
+    name = _dispatch.backend_for(x, backend, op="batch_norm_train" if training else "batch_norm_eval")
     if name == "reference":  # autograd through elementwise ops: the input gradient in torch's format
         x = _native(_layout.gradient_in_torch_format(input), channel)
     if x.numel() == 0:  # torch's result: an empty output that still depends on the affine parameters
@@ -161,5 +161,5 @@ def train_with_statistics(input: torch.Tensor, channel: int, weight, bias, eps: 
         nan = torch.full((x.shape[1],), float("nan"), device=x.device)
         output, mean, var = _aten.evaluate(x, None, None, weight, bias, eps, True), nan, nan
     else:
-        output, mean, var = _train(_dispatch.backend_for(x, backend), x, weight, bias, eps)
+        output, mean, var = _train(_dispatch.backend_for(x, backend, op="batch_norm_train"), x, weight, bias, eps)
     return (output if channel == 1 else output.view(input.shape)), mean, var

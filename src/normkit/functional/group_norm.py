@@ -92,7 +92,7 @@ def group_norm(
         )
     x = in_torch_format(input)
     name = backend_for(x, backend, refusal=lambda: params_refusal(x, weight, bias)
-                       or kernels.supports_group_norm(x, num_groups, activation))
+                       or kernels.supports_group_norm(x, num_groups, activation), op="group_norm")
     if name == "triton":
         return kernels.group_norm(x, num_groups, weight, bias, eps, activation=activation)
     if name == "reference":

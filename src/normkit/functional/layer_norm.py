@@ -62,7 +62,7 @@ def layer_norm(
             )
     x = input.contiguous()  # torch's layer norm computes on (and returns) a contiguous tensor
     name = backend_for(x, backend, refusal=lambda: params_refusal(x, weight, bias)
-                       or kernels.supports_layer_norm(x, shape))
+                       or kernels.supports_layer_norm(x, shape), op="layer_norm")
     if name == "triton":
         return kernels.layer_norm(x, shape, weight, bias, eps)
     if name == "reference":

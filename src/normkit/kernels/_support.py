@@ -7,7 +7,6 @@ interpreter) are :func:`refusal`; each op adds its own (:func:`supports` for bat
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -18,10 +17,14 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_ELEMENTS = 2**31 - 1  # the kernels index with 32-bit integers
 
 
-@functools.cache
+_TRITON_INSTALLED: list[bool] = []  # found once (a plain list, not functools.cache: torch.compile traces this)
+
+
 def triton_installed() -> bool:
     """Whether ``import triton`` would succeed (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    if not _TRITON_INSTALLED:
+        _TRITON_INSTALLED.append(importlib.util.find_spec("triton") is not None)
+    return _TRITON_INSTALLED[0]
 
 
 def interpreting() -> bool:

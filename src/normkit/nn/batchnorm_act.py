@@ -62,8 +62,9 @@ class _BatchNormActMixin:
         running_mean, running_var, uses_batch_stats = self._buffers_for_call()
         momentum = self._ema_factor()
         counter = self.num_batches_tracked if self._tracks_this_call() else None
+        op = "batch_norm_act_train" if uses_batch_stats else "batch_norm_act_eval"
         if input.numel() > 0 and _dispatch.backend_for(
-                input, refusal=lambda: kernels.supports(input, self.act)) == "triton":
+                input, refusal=lambda: kernels.supports(input, self.act), op=op) == "triton":
             return self._fused(input, residual, running_mean, running_var, uses_batch_stats, momentum, counter)
         # torchvision's block: the norm, then the residual added and the activation applied in place
         z = batch_norm(input, running_mean, running_var, self.weight, self.bias, uses_batch_stats, momentum,
