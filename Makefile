@@ -114,3 +114,19 @@ docs-serve: $(DOCS_STAMP)
 
 gpu-wheels: | $(BIN)/python
 	$(BIN)/python -m pip download --no-deps --only-binary=:all: --dest .gpu-wheels liger-kernel
+
+# --- the kernels on the oldest supported stack (issue 13): torch 2.11 with Triton 3.6, under the interpreter --------
+# The floor venv of the matrix (torch 2.11 from PyPI brings Triton 3.6.0) runs every kernel test under Triton's
+# interpreter, including the offline sm_90 compile of every launched variant with Triton 3.6's own compiler. Triton
+# 3.6's interpreter converts 1-element arrays to Python ints, which numpy 2.4 refuses and numpy 2.3 only warns about:
+# this venv pins numpy below 2.4 and silences that one warning (the GPU path does not use numpy). About 1.5 min.
+KERNEL_TESTS ?= tests/test_kernels_batch_norm.py tests/test_kernels_host.py tests/test_kernels_rownorm.py \
+	tests/test_kernels_tuning.py tests/test_kernels_compile_for_gpu.py
+.PHONY: test-kernels-compat
+
+test-kernels-compat: .venv-torch$(TORCH_FLOOR)/.normkit-matrix
+	PIP_CONSTRAINT=$(CURDIR)/.venv-torch$(TORCH_FLOOR)/constraints.txt .venv-torch$(TORCH_FLOOR)/bin/python -m pip \
+		install --quiet --disable-pip-version-check "numpy<2.4" "triton==3.6.0"
+	.venv-torch$(TORCH_FLOOR)/bin/python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+	TRITON_INTERPRET=1 .venv-torch$(TORCH_FLOOR)/bin/python -m pytest -q -p no:cacheprovider \
+		-W "ignore:Conversion of an array with ndim > 0:DeprecationWarning" $(KERNEL_TESTS)

@@ -115,10 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     torch_layer = torch.nn.BatchNorm2d(channels)
     x = torch.randn(shape, device=args.device).requires_grad_()
     grad = torch.randn(shape, device=args.device)
+    previous = os.environ.get("NORMKIT_BACKEND")
     os.environ["NORMKIT_BACKEND"] = "triton"
-    _step(layer, x, grad)  # compile (or interpret) once before counting
-    kernels, aten = count_launches(layer, x, grad)
-    result = host_ratio(layer, torch_layer, x, grad, args.rounds)
+    try:
+        _step(layer, x, grad)  # compile (or interpret) once before counting
+        kernels, aten = count_launches(layer, x, grad)
+        result = host_ratio(layer, torch_layer, x, grad, args.rounds)
+    finally:
+        if previous is None:
+            del os.environ["NORMKIT_BACKEND"]
+        else:
+            os.environ["NORMKIT_BACKEND"] = previous
     ratio = result.ratio("normkit", "torch")
     print(f"# bench_host: {today()}, {machine()}, device {args.device}, shape {shape}, `{COMMAND}`")
     print(f"triton launches: {len(kernels)} ({', '.join(kernels)})")
