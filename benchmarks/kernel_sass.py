@@ -103,12 +103,15 @@ def _host_planes(even: bool) -> tuple:
     ``even`` the unmasked variants (kernels without ``EVEN`` get each block shape once)."""
     block, warps = HOST["REDUCE_BLOCK"], HOST["REDUCE_WARPS"]
     cases = [(64, True, (), "56x56"), (256, True, (), "112x112"), (1024, True, (), "32x32, 64x64")]
-    if even:
-        cases += [(64, False, ("S", "span"), "7x7"), (256, False, ("S", "span"), "14x14"), (1024, False, (), "28x28")]
+    if even:  # the masked variants: whole plane groups with ragged planes (EVEN_P), and ragged both ways
+        cases += [(64, "P", ("S", "span"), "7x7"), (256, "P", ("S", "span"), "14x14"), (1024, "P", (), "28x28"),
+                  (64, False, ("S", "span"), "7x7, ragged plane groups")]
     else:
         cases = [(64, None, (), "56x56"), (256, None, (), "112x112"), (1024, None, (), "28x28, 32x32")]
-    return tuple(Config({"BLOCK": block, "BLOCK_P": block // s, "BLOCK_S": s, **({} if e is None else {"EVEN": e})},
-                        warps, unaligned=u, note=n) for s, e, u, n in cases)
+    flags = {None: {}, True: {"EVEN": True, "EVEN_P": True}, "P": {"EVEN": False, "EVEN_P": True},
+             False: {"EVEN": False, "EVEN_P": False}}
+    return tuple(Config({"BLOCK": block, "BLOCK_P": block // s, "BLOCK_S": s, **flags[e]}, warps, unaligned=u,
+                        note=n) for s, e, u, n in cases)
 
 
 def _host_rows(even: bool) -> tuple:

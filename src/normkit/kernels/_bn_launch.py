@@ -134,10 +134,10 @@ def moments(plan: Plan, xc, running_mean, running_var, counter, momentum, bessel
     key = ("moments", has_running, bool(skip_nonfinite), counter is not None)
     options = plan.options.get(key)
     if options is None:
-        blocks = split["blocks"] if plan.kind == "rows" else {k: v for k, v in split["blocks"].items()}
+        layout = {"EVEN_P": split["even_p"]} if plan.kind == "planes" else {}
         options = plan.options[key] = dict(HAS_RUNNING=has_running, SKIP_NONFINITE=bool(skip_nonfinite),
-                                           HAS_COUNTER=counter is not None, EVEN=split["even"], **blocks,
-                                           num_warps=tiling.REDUCE_WARPS)
+                                           HAS_COUNTER=counter is not None, EVEN=split["even"], **layout,
+                                           **split["blocks"], num_warps=tiling.REDUCE_WARPS)
     args = (xc, part, locks(xc.device, split["locks"]), stats, running_mean if has_running else stats,
             running_var if has_running else stats, counter if counter is not None else stats,
             *split["args"].values(), momentum, bessel)

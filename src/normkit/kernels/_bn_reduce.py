@@ -116,11 +116,13 @@ def _tile_moments(s_acc, q_acc, n_lane, axis: tl.constexpr):
 def moments_planes(x_ptr, part_ptr, lock_ptr, stats_ptr, rm_ptr, rv_ptr, counter_ptr, P, C, S, per_tile, span,
                    tiles_s, tiles, momentum, bessel,
                    HAS_RUNNING: tl.constexpr, SKIP_NONFINITE: tl.constexpr, HAS_COUNTER: tl.constexpr,
-                   EVEN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr):
+                   EVEN: tl.constexpr, EVEN_P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+                   BLOCK_T: tl.constexpr):
     """Partial ``(count, mean - K, M2)`` of channel ``program_id(0)`` over tile ``program_id(1)``; the last tile's
     program merges them all and finishes (:func:`_finish_moments`). The hot loop is a load, a subtraction, an add
     and an FMA per value: masked values load as ``K`` (so they add zero) and each lane's count comes from the loop
-    bounds. ``EVEN``: the tile is a whole number of ``BLOCK_P x BLOCK_S`` chunks, so no masks at all."""
+    bounds. ``EVEN``: the tile is a whole number of ``BLOCK_P x BLOCK_S`` chunks, so no masks at all; ``EVEN_P``: a
+    whole number of ``BLOCK_P`` plane groups, so only the planes' tails are masked (the mask is loop-invariant)."""
     c = tl.program_id(0)
     t = tl.program_id(1)
     p_lo = (t // tiles_s) * per_tile
@@ -131,18 +133,29 @@ def moments_planes(x_ptr, part_ptr, lock_ptr, stats_ptr, rm_ptr, rv_ptr, counter
     shift = shift_raw.to(tl.float32)
     s_acc = tl.zeros((BLOCK_P, BLOCK_S), tl.float32)
     q_acc = tl.zeros((BLOCK_P, BLOCK_S), tl.float32)
-    for p0 in range(p_lo, p_hi, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
+    if EVEN_P and not EVEN:  # whole BLOCK_P groups of planes, ragged planes (7x7): one mask per chunk column
         for s0 in range(s_lo, s_hi, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
-            offsets = (p[:, None] * C + c) * S + s[None, :]
-            if EVEN:
-                x = tl.load(x_ptr + offsets)
-            else:
-                x = tl.load(x_ptr + offsets, mask=(p[:, None] < p_hi) & (s[None, :] < s_hi), other=shift_raw)
-            x = x.to(tl.float32) - shift
-            s_acc += x
-            q_acc += x * x
+            s_in = tl.broadcast_to((s < s_hi)[None, :], (BLOCK_P, BLOCK_S))
+            for p0 in range(p_lo, p_hi, BLOCK_P):
+                p = p0 + tl.arange(0, BLOCK_P)
+                x = tl.load(x_ptr + (p[:, None] * C + c) * S + s[None, :], mask=s_in, other=shift_raw)
+                x = x.to(tl.float32) - shift
+                s_acc += x
+                q_acc += x * x
+    else:
+        for p0 in range(p_lo, p_hi, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            for s0 in range(s_lo, s_hi, BLOCK_S):
+                s = s0 + tl.arange(0, BLOCK_S)
+                offsets = (p[:, None] * C + c) * S + s[None, :]
+                if EVEN:
+                    x = tl.load(x_ptr + offsets)
+                else:
+                    x = tl.load(x_ptr + offsets, mask=(p[:, None] < p_hi) & (s[None, :] < s_hi), other=shift_raw)
+                x = x.to(tl.float32) - shift
+                s_acc += x
+                q_acc += x * x
     n_lane = (_lane_counts(p_lo, p_hi, BLOCK_P)[:, None] * _lane_counts(s_lo, s_hi, BLOCK_S)[None, :]).to(tl.float32)
     tile_n, tile_mean, tile_m2 = _tile_moments(tl.reshape(s_acc, (BLOCK_P * BLOCK_S,)),
                                                tl.reshape(q_acc, (BLOCK_P * BLOCK_S,)),

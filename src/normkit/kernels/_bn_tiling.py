@@ -80,13 +80,14 @@ def plane_split(planes: int, channels: int, size: int, programs: int) -> dict:
         per_tile = 1
         span = triton.cdiv(triton.cdiv(size, triton.cdiv(tiles, planes)), block_s) * block_s
         along_planes, along_size = planes, triton.cdiv(size, span)
-    even = size % block_s == 0 and span % block_s == 0 and size % span == 0 and per_tile % block_p == 0 \
-        and planes % per_tile == 0
+    even_p = per_tile % block_p == 0 and planes % per_tile == 0
+    even = even_p and size % block_s == 0 and span % block_s == 0 and size % span == 0
     count = along_planes * along_size
     return {"grid": (channels, count), "tiles": count, "locks": channels,
             "args": dict(P=planes, C=channels, S=size, per_tile=per_tile, span=span, tiles_s=along_size,
                          tiles=count),
-            "blocks": dict(BLOCK_P=block_p, BLOCK_S=block_s, BLOCK_T=MERGE_BLOCK), "even": even}
+            "blocks": dict(BLOCK_P=block_p, BLOCK_S=block_s, BLOCK_T=MERGE_BLOCK), "even": even,
+            "even_p": even_p}
 
 
 @functools.lru_cache(maxsize=4096)
