@@ -46,7 +46,7 @@ def train_forward(x, weight, bias, residual, running_mean, running_var, counter,
     stats = launch.moments(plan, xc, running_mean, running_var, counter, momentum, bessel, skip_nonfinite)
     y = plan.new_like(x)
     launch.normalize(plan, xc, stats[0], stats[1], _flat_param(weight), _flat_param(bias), eps,
-                     plan.view(residual) if residual is not None else None, act, plan.view(y) if plan.dense else y)
+                     plan.view(residual) if residual is not None else None, act, y)
     return plan.result(y), stats
 
 
@@ -55,7 +55,7 @@ def eval_forward(x, running_mean, running_var, weight, bias, residual, eps: floa
     plan = launch.plan_for(x, channel)
     y = plan.new_like(x)
     launch.normalize(plan, plan.view(x), running_mean, running_var, _flat_param(weight), _flat_param(bias), eps,
-                     plan.view(residual) if residual is not None else None, act, plan.view(y) if plan.dense else y)
+                     plan.view(residual) if residual is not None else None, act, y)
     return plan.result(y)
 
 
@@ -66,10 +66,9 @@ def backward(grad_output, x, weight, bias, residual, mean, var, eps: float, chan
     plan = launch.plan_for(x, channel)
     dx = plan.new_like(x) if need[0] else None
     dz = plan.new_like(x) if need[3] else None
-    canonical = (lambda t: plan.view(t)) if plan.dense else (lambda t: t)
     dw, db = launch.backward(plan, plan.view(grad_output), plan.view(x), _flat_param(weight), _flat_param(bias),
                              mean, var, eps, plan.view(residual) if residual is not None else None, act, training,
-                             need, canonical(dx) if dx is not None else None, canonical(dz) if dz is not None else None)
+                             need, dx, dz)
     dw = dw.view(weight.shape) if dw is not None and dw.shape != weight.shape else dw
     db = db.view(bias.shape) if db is not None and db.shape != bias.shape else db
     return (plan.result(dx) if dx is not None else None), dw, db, (plan.result(dz) if dz is not None else None)

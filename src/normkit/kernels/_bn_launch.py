@@ -25,13 +25,13 @@ from ._options import COMPILE_OPTIONS
 _LOCKS: dict[tuple, torch.Tensor] = {}
 
 
-def locks(device: torch.device, size: int) -> torch.Tensor:
+def locks(device: torch.device, size: int, cuda: bool) -> torch.Tensor:
     """At least ``size`` int32 counters, all zero, that the reduction kernels leave zero again.
 
     One buffer per device and CUDA stream, allocated (zeroed: one launch) on first use and when a call needs more;
     two calls on one stream run one after the other, so they can share it, and a CUDA graph that captured a call
     replays it with the same, again zeroed, buffer."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    stream = torch.cuda.current_stream(device).cuda_stream if cuda else 0
     key = (device, stream)
     buffer = _LOCKS.get(key)
     if buffer is None or buffer.numel() < size:
@@ -57,7 +57,8 @@ class Plan:
     that geometry in it, the reduction split and the pointwise grid (cached by shape, strides, channel, device)."""
 
     __slots__ = ("layout", "kind", "channel", "canonical", "moved", "dense", "strides", "channels", "size",
-                 "numel", "count", "split", "grid", "options", "memory_format", "kernels")
+                 "numel", "count", "split", "split_args", "grid", "options", "memory_format", "kernels", "device",
+                 "cuda")
 
     def __init__(self, x: torch.Tensor, channel: int):
         self.layout = layout_of(x, channel)
@@ -73,6 +74,8 @@ class Plan:
         programs = tiling.target_programs(x.device)
         self.split = tiling.plane_split(*self.canonical, programs) if self.kind == "planes" \
             else tiling.row_split(*self.canonical, programs)
+        self.split_args = tuple(self.split["args"].values())
+        self.device, self.cuda = x.device, x.device.type == "cuda"
         self.grid = tiling.pointwise_grid(self.numel)
         self.options: dict[tuple, dict] = {}
         self.memory_format = output_format(x)
@@ -83,13 +86,12 @@ class Plan:
                         "normalize": _bn_pointwise.normalize, "grad_input": _bn_pointwise.grad_input}
 
     def view(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` (shaped like the input) in the canonical layout: a view when its strides are the input's and the
-        input is dense, else a copy."""
-        if not self.dense or t.stride() != self.strides:
-            return self.layout.view(t)
-        if self.moved:
-            t = t.movedim(self.channel, -1)
-        return t.view(self.canonical)
+        """``t`` (shaped like the input) with its memory in the canonical layout: ``t`` itself when its strides are
+        the input's and the input is dense (a kernel reads only the data pointer: no view is needed), else a
+        canonical copy."""
+        if self.dense and t.stride() == self.strides:
+            return t
+        return self.layout.view(t)
 
     def new_like(self, x: torch.Tensor) -> torch.Tensor:
         """A new tensor in ``x``'s memory format, shaped like it (its canonical view shares its storage when the
@@ -138,9 +140,9 @@ def moments(plan: Plan, xc, running_mean, running_var, counter, momentum, bessel
         options = plan.options[key] = dict(HAS_RUNNING=has_running, SKIP_NONFINITE=bool(skip_nonfinite),
                                            HAS_COUNTER=counter is not None, EVEN=split["even"], **layout,
                                            **split["blocks"], num_warps=tiling.REDUCE_WARPS)
-    args = (xc, part, locks(xc.device, split["locks"]), stats, running_mean if has_running else stats,
+    args = (xc, part, locks(plan.device, split["locks"], plan.cuda), stats, running_mean if has_running else stats,
             running_var if has_running else stats, counter if counter is not None else stats,
-            *split["args"].values(), momentum, bessel)
+            *plan.split_args, momentum, bessel)
     launch(plan.kernels["moments"], split["grid"], args, options)
     return stats
 
@@ -183,8 +185,8 @@ def backward(plan: Plan, dyc, xc, weight, bias, mean, var, eps, residual, act, t
                 WRITE_DX=write_dx, HAS_DW=dw is not None, HAS_DB=db is not None, **split["blocks"],
                 num_warps=tiling.REDUCE_WARPS)
         args = (dyc, xc, residual if has_res else xc, dzc if write_dz else xc, dxc if write_dx else xc,
-                *constants, part, locks(xc.device, split["locks"]), sums,
-                dw if dw is not None else mean, db if db is not None else mean, *split["args"].values(), eps)
+                *constants, part, locks(plan.device, split["locks"], plan.cuda), sums,
+                dw if dw is not None else mean, db if db is not None else mean, *plan.split_args, eps)
         launch(plan.kernels["grad_sums"], split["grid"], args, options)
         if write_dx:
             return dw, db
