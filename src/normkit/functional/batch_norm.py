@@ -86,7 +86,7 @@ def batch_norm(
         # one launch for the statistics, the running update and the counter, one for the output
         output = kernels.batch_norm_train(x, weight, bias, eps, running_mean=running_mean, running_var=running_var,
                                           num_batches_tracked=num_batches_tracked, momentum=momentum,
-                                          running_var_mode=running_var_mode, nonfinite=nonfinite)[0]
+                                          running_var_mode=running_var_mode, nonfinite=nonfinite, checked=True)[0]
         return output if channel == 1 else output.view(input.shape)
     elif (name == "cpu" and (running_var_mode == "unbiased" or running_mean is None) and type(momentum) is float
           and not _dispatch.composes_training(x, nonfinite)):
@@ -104,8 +104,9 @@ def kernels_move_buffers(x, running_mean, running_var, momentum, nonfinite) -> b
     """Whether the Triton statistics kernel updates the running statistics itself: a float momentum, a policy that
     needs no host read (not ``"raise"``), buffers the kernel can write (float32/16/bf16 on the input's device)."""
     return (type(momentum) is float and nonfinite != "raise" and x.numel() > 0
-            and (running_mean is None or all(t.dtype in kernels.BUFFER_DTYPES and t.device == x.device
-                                              for t in (running_mean, running_var))))
+            and (running_mean is None or (running_mean.dtype in kernels.BUFFER_DTYPES
+                                          and running_var.dtype in kernels.BUFFER_DTYPES
+                                          and running_mean.device == x.device == running_var.device)))
 
 
 def _native(input: torch.Tensor, channel: int) -> torch.Tensor:

@@ -17,14 +17,14 @@ def batch_norm_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
                      channel_dim: int = 1, activation: str | None = None, residual: torch.Tensor | None = None,
                      running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
                      num_batches_tracked: torch.Tensor | None = None, momentum: float = 0.1,
-                     running_var_mode: str = "unbiased", nonfinite: str = "skip"):
+                     running_var_mode: str = "unbiased", nonfinite: str = "skip", checked: bool = False):
     """Training batch norm on Triton: ``(y, mean, biased_var)``, moving the running statistics and the counter
     given; see ``normkit.kernels._batch_norm.batch_norm_train``."""
     from ._batch_norm import batch_norm_train as impl
 
     return impl(x, weight, bias, eps, channel_dim=channel_dim, activation=activation, residual=residual,
                 running_mean=running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked,
-                momentum=momentum, running_var_mode=running_var_mode, nonfinite=nonfinite)
+                momentum=momentum, running_var_mode=running_var_mode, nonfinite=nonfinite, checked=checked)
 
 
 def batch_norm_eval(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,

@@ -77,32 +77,33 @@ def backward(grad_output, x, weight, bias, residual, mean, var, eps: float, chan
 def _backward(ctx, grad_output):
     """Shared backward of both functions: ``(dx, dweight, dbias, dresidual)``, each ``None`` unless needed."""
     x, weight, bias, residual, mean, var = ctx.saved_tensors
-    need_x, need_w, need_b, need_r = ctx.need
+    eps, channel, act, training, has_residual, (need_x, need_w, need_b, need_r) = ctx.config
     if grad_output is None:
         return None, None, None, None
     if torch.is_grad_enabled():  # create_graph=True: the closed form in differentiable torch ops
-        dx, dw, db, dr = _fused.closed_form_backward(grad_output, x, weight, bias, residual, mean, var, ctx.eps,
-                                                     ctx.training, ctx.channel, ctx.act)
+        dx, dw, db, dr = _fused.closed_form_backward(grad_output, x, weight, bias, residual, mean, var, eps,
+                                                     training, channel, act)
     else:
-        need = (need_x, need_w, need_b, need_r and ctx.has_residual and ctx.act is not None)
-        dx, dw, db, dr = _ops.backward(grad_output, x, weight, bias, residual, mean, var, ctx.eps, ctx.channel,
-                                       ctx.act, ctx.training, need)
-    if ctx.has_residual and ctx.act is None:
+        need = (need_x, need_w, need_b, need_r and has_residual and act is not None)
+        dx, dw, db, dr = _ops.backward(grad_output, x, weight, bias, residual, mean, var, eps, channel, act, training,
+                                       need)
+    if has_residual and act is None:
         dr = grad_output  # without an activation the residual's gradient is dy itself
     return (dx if need_x else None, dw if need_w else None, db if need_b else None,
-            dr if need_r and ctx.has_residual else None)
+            dr if need_r and has_residual else None)
 
 
 def _save(ctx, x, weight, bias, residual, mean, var, eps, channel, act, training, need):
     ctx.save_for_backward(x, weight, bias, residual if act is not None else None, mean, var)
-    ctx.eps, ctx.channel, ctx.act, ctx.training = eps, channel, act, training
-    ctx.has_residual, ctx.need = residual is not None, need
+    ctx.config = (eps, channel, act, training, residual is not None, need)
     ctx.set_materialize_grads(False)
 
 
-def _needs_graph(*tensors) -> bool:
+def _needs_graph(x, weight, bias, residual) -> bool:
     """Whether autograd records this call (grad mode on and a tensor that requires grad)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad)
+                                        or (residual is not None and residual.requires_grad))
 
 
 def _plain_eager(x: torch.Tensor) -> bool:
@@ -153,7 +154,7 @@ def batch_norm_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
                      channel_dim: int = 1, activation: str | None = None, residual: torch.Tensor | None = None,
                      running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
                      num_batches_tracked: torch.Tensor | None = None, momentum: float = 0.1,
-                     running_var_mode: str = "unbiased", nonfinite: str = "skip"):
+                     running_var_mode: str = "unbiased", nonfinite: str = "skip", checked: bool = False):
     r"""Training batch norm on the Triton kernels: ``(y, mean, biased_var)``, ``y`` differentiable.
 
     .. math::
@@ -170,6 +171,16 @@ def batch_norm_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
         channel_dim: the channel dimension. Default: ``1``.
         activation: ``None`` (default), ``"relu"`` or ``"silu"``.
         residual: ``None`` or a tensor of ``x``'s shape and dtype added before the activation.
+        running_mean, running_var: ``(C,)`` float32/float16/bfloat16 buffers the statistics kernel moves in place by
+            ``(1 - momentum) * running + momentum * batch`` (the unbiased variance unless
+            ``running_var_mode="biased"``), or ``None``. Default: ``None``.
+        num_batches_tracked: a counter the statistics kernel adds one to, or ``None``. Default: ``None``.
+        momentum: the running update's factor. Default: ``0.1``.
+        running_var_mode: ``"unbiased"`` (torch) or ``"biased"`` (Keras). Default: ``"unbiased"``.
+        nonfinite: ``"skip"`` keeps a channel's running statistics when its batch statistics are not finite,
+            ``"propagate"`` lets them through. Default: ``"skip"``.
+        checked: the caller has asked :func:`supports` already (normkit's front): skip the check. Default:
+            ``False``.
 
     Shape:
         - ``y``: as ``x`` (same dtype; channels_last stays channels_last). ``mean``, ``biased_var``: ``(C,)``
@@ -179,7 +190,8 @@ def batch_norm_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
 
         y, mean, var = normkit.kernels.batch_norm_train(x.cuda(), w, b, 1e-5, activation="relu")
     """
-    _require_supported(x, activation, residual)
+    if not checked:
+        _require_supported(x, activation, residual)
     channel = channel_dim % x.dim()
     count = x.numel() // x.shape[channel]
     bessel = count / (count - 1) if running_var_mode == "unbiased" and count > 1 else 1.0
