@@ -111,13 +111,15 @@ BYTE_MODEL = (
     "normkit's bytes (what its kernels move): BatchNorm and GroupNorm training forward 3 passes (read x for the "
     "statistics, read x again, write y), backward 5 (read dy and x for the two reductions, read them again, write "
     "dx); BatchNorm eval 2; GroupNorm forward-only 3; LayerNorm forward 2, backward 3 (a row stays on chip); a "
-    "residual adds 1 to the forward (read r) and, with an activation after the add, 2 to the backward (the sums "
-    "pass reads r and writes dz, the residual's gradient, which the input-gradient pass reads instead of dy: 7); "
-    "without an activation the residual's gradient is dy itself; ReLU/SiLU add nothing (the mask is recomputed). Minimum bytes (each tensor the op must read or write, once): training forward 2 (read x, write "
-    "y), backward 3 (read dy, read x, write dx), so fwd+bwd 5; inference forward 2; a residual adds 1 to the "
-    "forward (read r) and 2 to the backward with an activation after the add (read r again for the mask, write "
-    "dr): BN+add+ReLU training 3 + 5 = 8, eval 3. % of copy: bytes / time against the device-to-device copy's "
-    "(read + write) GB/s measured in the same run."
+    "residual adds 1 to the forward (read r) and, with an activation after the add, 1 to the backward (the sums "
+    "pass writes dz, the residual's gradient, which the input-gradient pass reads instead of dy) plus, for SiLU, "
+    "1 more (the sums pass reads r to recompute z: 7 in all) or, for ReLU, the 1-bit-per-value sign mask the "
+    "forward wrote and the sums pass reads (6 and 1/8 of a byte per value); without an activation the residual's "
+    "gradient is dy itself. Minimum bytes (each tensor the op must read or write, once): training forward 2 (read "
+    "x, write y), backward 3 (read dy, read x, write dx), so fwd+bwd 5; inference forward 2; a residual adds 1 to "
+    "the forward (read r) and 2 to the backward with an activation after the add (read r again for the mask, "
+    "write dr): BN+add+ReLU training 3 + 5 = 8, eval 3. % of copy: bytes / time against the device-to-device "
+    "copy's (read + write) GB/s measured in the same run."
 )
 NORMKIT_PASSES = {"bn": (3, 5, 2), "bn_act": (3, 5, 2), "gn": (3, 5, 3), "ln": (2, 3, 2)}  # train fwd, bwd, eval
 
@@ -127,7 +129,13 @@ def bytes_normkit(case: Case) -> int:
     forward, backward, inference = NORMKIT_PASSES[case.op]
     passes = forward + backward if case.train else inference
     if case.residual:
-        passes += (1 + (2 if case.act else 0)) if case.train else 1
+        if not case.train:
+            passes += 1
+        elif case.act == "relu":  # read r (forward); write, then read, dz; the sign bits written and read
+            passes += 2
+            return int(passes * case.nbytes + 2 * case.numel / 8)
+        else:
+            passes += 3 if case.act else 1
     return passes * case.nbytes
 
 

@@ -102,6 +102,8 @@ TRAIN_CASES = [  # shape, channel_dim, activation, residual, dtype, channels_las
     ((1, 3, 2), 1, None, True, torch.float32, False),  # N * HW = 2 on planes
     ((3, 4, 5, 3), 1, "relu", True, torch.float16, False),
     ((2, 5, 3, 3), 1, "silu", False, torch.bfloat16, True),
+    ((2, 5, 3, 4), 1, "relu", True, torch.bfloat16, True),  # the ReLU bitmask on rows
+    ((3, 3, 5), 1, "relu", True, torch.float32, False),  # 45 values: a bitmask with a partial last byte
 ]
 
 

@@ -2,10 +2,11 @@
 
 The interpreter runs kernels as Python and accepts code that Triton's compiler rejects (a scalar redefined as a
 block inside a branch ran under the interpreter and failed to compile for sm_90). So the launches of a matrix of
-calls are recorded through the launch hook (training and evaluation, no activation and SiLU, residual or not,
-affine or not, running statistics or not, planes and rows, even and ragged tiles, float32 and bfloat16), and each
-distinct variant (kernel, argument types, constexprs) is compiled offline for sm_90 with Triton's bundled ptxas in a
-subprocess without ``TRITON_INTERPRET``. Skipped, with the reason, where triton or ptxas is missing.
+calls are recorded through the launch hook (training and evaluation, each activation (ReLU with its bitmask),
+residual or not, affine or not, running statistics or not, planes and rows, even and ragged tiles, float32 and
+bfloat16), and each distinct variant (kernel, argument types, constexprs) is compiled offline for sm_90 with
+Triton's bundled ptxas in a subprocess without ``TRITON_INTERPRET``. Skipped, with the reason, where triton or
+ptxas is missing.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ pytest.importorskip("triton")
 kernels = pytest.importorskip("normkit.kernels")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
-DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
+DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8", torch.int32: "i32",
           torch.int64: "i64"}
 
 
@@ -59,7 +60,7 @@ def _calls() -> None:
             c = shape[1]
             x = torch.randn(shape, device=DEVICE).to(dtype)
             x = x.to(memory_format=torch.channels_last) if channels_last else x
-            for act in (None, "silu"):  # ReLU's branch is a select, SiLU's the larger one
+            for act in (None, "relu", "silu"):
                 for residual in (None, torch.randn_like(x)):
                     w = torch.rand(c, device=DEVICE, requires_grad=True)
                     b = torch.rand(c, device=DEVICE, requires_grad=True)

@@ -62,6 +62,34 @@ def test_a_training_step_is_four_launches_and_no_aten_op(bench_host, triton_back
     assert bench_host.count(lambda: layer(x.detach())) == (["normalize"], [])
 
 
+def test_add_relu_backward_reads_the_bitmask_not_the_residual(bench_host, triton_backend):
+    """BN+add+ReLU in training: the forward writes ReLU's sign bits, the backward reads them instead of the residual
+    (6 element passes instead of 7), and the result is the fused closed form's."""
+    from normkit.kernels import _bn_launch
+
+    layer = normkit.nn.BatchNormAct2d(4, act="relu").to(DEVICE)
+    x = torch.randn(2, 4, 3, 5, device=DEVICE, requires_grad=True)
+    residual = torch.randn_like(x, requires_grad=True)
+    options = []
+    original = _bn_launch.LAUNCH
+    _bn_launch.LAUNCH = lambda kernel, grid, args, opts: (options.append(opts), original(kernel, grid, args, opts))
+    try:
+        layer(x, residual).backward(torch.ones_like(x))
+    finally:
+        _bn_launch.LAUNCH = original
+    normalize, grad_sums, grad_input = options[1], options[2], options[3]
+    assert normalize["WRITE_BITS"] and grad_sums["RELU_BITS"] and not grad_sums["HAS_RES"]
+    assert grad_input["DZ_GIVEN"] and not grad_input["HAS_RES"]
+    reference = normkit.nn.BatchNormAct2d(4, act="relu").to(DEVICE)
+    xr, rr = x.detach().clone().requires_grad_(), residual.detach().clone().requires_grad_()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NORMKIT_BACKEND", "cpu")
+        reference(xr, rr).backward(torch.ones_like(xr))
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(residual.grad, rr.grad)
+    torch.testing.assert_close(layer.weight.grad, reference.weight.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_bench_host_prints_its_line(bench_host, capsys):
     assert bench_host.main(["--rounds", "3", "--shape", "2", "3", "4", "4"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]

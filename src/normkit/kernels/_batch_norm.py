@@ -38,16 +38,18 @@ def _flat_param(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def train_forward(x, weight, bias, residual, running_mean, running_var, counter, momentum: float, eps: float,
-                  bessel: float, skip_nonfinite: bool, channel: int, act: str | None):
-    """``(y, stats)``: the output and the ``(2, C)`` float32 batch mean and biased variance, in two launches that
+                  bessel: float, skip_nonfinite: bool, channel: int, act: str | None, want_bits: bool = False):
+    """``(y, stats, bits)``: the output, the ``(2, C)`` float32 batch mean and biased variance, and (``want_bits``,
+    for ReLU) the sign of the pre-activation as a bitmask for the backward, else ``None``; in two launches that
     also move the running statistics and the counter (those given). What the ``normkit::bn_train`` op runs."""
     plan = launch.plan_for(x, channel)
     xc = plan.view(x)
     stats = launch.moments(plan, xc, running_mean, running_var, counter, momentum, bessel, skip_nonfinite)
     y = plan.new_like(x)
+    bits = torch.empty(((plan.numel + 7) // 8,), dtype=torch.uint8, device=x.device) if want_bits else None
     launch.normalize(plan, xc, stats[0], stats[1], _flat_param(weight), _flat_param(bias), eps,
-                     plan.view(residual) if residual is not None else None, act, y)
-    return plan.result(y), stats
+                     plan.view(residual) if residual is not None else None, act, y, bits)
+    return plan.result(y), stats, bits
 
 
 def eval_forward(x, running_mean, running_var, weight, bias, residual, eps: float, channel: int, act: str | None):
@@ -60,15 +62,16 @@ def eval_forward(x, running_mean, running_var, weight, bias, residual, eps: floa
 
 
 def backward(grad_output, x, weight, bias, residual, mean, var, eps: float, channel: int, act: str | None,
-             training: bool, need: tuple[bool, bool, bool, bool]):
+             training: bool, need: tuple[bool, bool, bool, bool], bits: torch.Tensor | None = None):
     """``(dx, dweight, dbias, dresidual)`` by the kernels (``None`` where not needed), ``normkit::bn_backward``.
-    ``dresidual`` is only computed for an activation (else it is ``grad_output`` itself)."""
+    ``dresidual`` is only computed for an activation (else it is ``grad_output`` itself); ``bits``, the forward's
+    ReLU bitmask, is read instead of the residual."""
     plan = launch.plan_for(x, channel)
     dx = plan.new_like(x) if need[0] else None
     dz = plan.new_like(x) if need[3] else None
     dw, db = launch.backward(plan, plan.view(grad_output), plan.view(x), _flat_param(weight), _flat_param(bias),
                              mean, var, eps, plan.view(residual) if residual is not None else None, act, training,
-                             need, dx, dz)
+                             need, dx, dz, bits)
     dw = dw.view(weight.shape) if dw is not None and dw.shape != weight.shape else dw
     db = db.view(bias.shape) if db is not None and db.shape != bias.shape else db
     return (plan.result(dx) if dx is not None else None), dw, db, (plan.result(dz) if dz is not None else None)
@@ -76,7 +79,7 @@ def backward(grad_output, x, weight, bias, residual, mean, var, eps: float, chan
 
 def _backward(ctx, grad_output):
     """Shared backward of both functions: ``(dx, dweight, dbias, dresidual)``, each ``None`` unless needed."""
-    x, weight, bias, residual, mean, var = ctx.saved_tensors
+    x, weight, bias, residual, mean, var, bits = ctx.saved_tensors
     eps, channel, act, training, has_residual, (need_x, need_w, need_b, need_r) = ctx.config
     if grad_output is None:
         return None, None, None, None
@@ -86,15 +89,16 @@ def _backward(ctx, grad_output):
     else:
         need = (need_x, need_w, need_b, need_r and has_residual and act is not None)
         dx, dw, db, dr = _ops.backward(grad_output, x, weight, bias, residual, mean, var, eps, channel, act, training,
-                                       need)
+                                       need, bits)
     if has_residual and act is None:
         dr = grad_output  # without an activation the residual's gradient is dy itself
     return (dx if need_x else None, dw if need_w else None, db if need_b else None,
             dr if need_r and has_residual else None)
 
 
-def _save(ctx, x, weight, bias, residual, mean, var, eps, channel, act, training, need):
-    ctx.save_for_backward(x, weight, bias, residual if act is not None else None, mean, var)
+def _save(ctx, x, weight, bias, residual, mean, var, eps, channel, act, training, need, bits=None):
+    # the residual stays saved next to the bitmask: double backward's closed form recomputes z from it
+    ctx.save_for_backward(x, weight, bias, residual if act is not None else None, mean, var, bits)
     ctx.config = (eps, channel, act, training, residual is not None, need)
     ctx.set_materialize_grads(False)
 
@@ -122,10 +126,11 @@ class _TrainFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, counter, config):
         momentum, eps, bessel, skip_nonfinite, channel, act = config
-        y, stats = _ops.train(x, weight, bias, residual, running_mean, running_var, counter, momentum, eps, bessel,
-                              skip_nonfinite, channel, act)
+        want_bits = act == "relu" and residual is not None  # the backward reads 1 bit, not the residual
+        y, stats, bits = _ops.train(x, weight, bias, residual, running_mean, running_var, counter, momentum, eps,
+                                    bessel, skip_nonfinite, channel, act, want_bits)
         mean, var = stats[0], stats[1]
-        _save(ctx, x, weight, bias, residual, mean, var, eps, channel, act, True, ctx.needs_input_grad[:4])
+        _save(ctx, x, weight, bias, residual, mean, var, eps, channel, act, True, ctx.needs_input_grad[:4], bits)
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
@@ -199,7 +204,8 @@ def batch_norm_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
         bessel = float("nan")  # torch's unbiased variance of one value
     config = (float(momentum), float(eps), bessel, nonfinite == "skip", channel, activation)
     if not _needs_graph(x, weight, bias, residual):
-        y, stats = _ops.train(x, weight, bias, residual, running_mean, running_var, num_batches_tracked, *config)
+        y, stats, _ = _ops.train(x, weight, bias, residual, running_mean, running_var, num_batches_tracked, *config,
+                                 False)
         return y, stats[0], stats[1]
     if _plain_eager(x):
         return _c_apply(_TrainFunction, x, weight, bias, residual, running_mean, running_var, num_batches_tracked,

@@ -8,9 +8,11 @@ last program of a channel finish its reduction live in a persistent zeroed buffe
 kernels leave zeroed again (:func:`locks`).
 
 Bytes moved, in element passes: training forward 3 (read x for the statistics; read x, write y), backward 5 (read
-dy and x for the sums; read dy and x, write dx), evaluation forward 2, evaluation backward 3. A residual adds its
-read; with a residual and an activation the backward's first pass also writes ``dz`` (the residual's gradient),
-which the second pass reads instead of recomputing the activation.
+dy and x for the sums; read dy and x, write dx), evaluation forward 2, evaluation backward 2 (3 with affine
+gradients). A residual adds its read to the forward; with a residual and an activation the backward's first pass
+also writes ``dz`` (the residual's gradient), which the second pass reads instead of ``dy``. With ReLU the forward
+also writes the sign of ``z`` as a bitmask (1/8 byte per value), which the backward reads instead of the residual:
+BN+add+ReLU's training backward is 6 passes plus the bitmask (SiLU's derivative needs ``z``, so 7).
 """
 
 from __future__ import annotations
@@ -147,44 +149,51 @@ def moments(plan: Plan, xc, running_mean, running_var, counter, momentum, bessel
     return stats
 
 
-def normalize(plan: Plan, xc, mean, var, weight, bias, eps, residual, act, yc) -> None:
-    """``act((x - mean) * rsqrt(var + eps) * weight + bias (+ residual))`` into ``yc``, in one launch."""
-    key = ("normalize", act, residual is not None, weight is not None, bias is not None)
+def normalize(plan: Plan, xc, mean, var, weight, bias, eps, residual, act, yc, bits=None) -> None:
+    """``act((x - mean) * rsqrt(var + eps) * weight + bias (+ residual))`` into ``yc``, in one launch; with ``bits``
+    (a uint8 tensor of ``ceil(numel / 8)`` bytes) also the ReLU's ``z > 0`` as a bitmask for the backward."""
+    key = ("normalize", act, residual is not None, weight is not None, bias is not None, bits is not None)
     options = plan.options.get(key)
     if options is None:
         options = plan.options[key] = dict(ACT=CODES[act], HAS_RES=residual is not None, HAS_W=weight is not None,
-                                           HAS_B=bias is not None, ROWS=plan.kind == "rows",
-                                           BLOCK=tiling.POINTWISE_BLOCK, num_warps=tiling.POINTWISE_WARPS)
+                                           HAS_B=bias is not None, WRITE_BITS=bits is not None,
+                                           ROWS=plan.kind == "rows", BLOCK=tiling.POINTWISE_BLOCK,
+                                           num_warps=tiling.POINTWISE_WARPS)
     args = (xc, residual if residual is not None else xc, yc, mean, var, weight if weight is not None else mean,
-            bias if bias is not None else mean, plan.numel, plan.channels, plan.size, eps)
+            bias if bias is not None else mean, bits if bits is not None else xc, plan.numel, plan.channels,
+            plan.size, eps)
     launch(plan.kernels["normalize"], plan.grid, args, options)
 
 
-def backward(plan: Plan, dyc, xc, weight, bias, mean, var, eps, residual, act, training, need, dxc, dzc):
+def backward(plan: Plan, dyc, xc, weight, bias, mean, var, eps, residual, act, training, need, dxc, dzc,
+             bits=None):
     """Fill ``dxc`` (the input gradient) and ``dzc`` (the pre-activation's gradient, the residual's, only for an
     activation with a residual whose gradient is wanted; without an activation it is ``dy`` itself), canonical
     tensors or ``None``; return ``(dweight, dbias)`` (``None`` unless ``need`` asks). Two launches in training, one
-    in evaluation (one pass for the whole backward)."""
+    in evaluation (one pass for the whole backward). ``bits``: the forward's ReLU bitmask, read instead of the
+    residual (BN+add+ReLU's backward then moves 6 element passes, not 7)."""
     _, need_w, need_b, _ = need
-    has_res, write_dz = residual is not None, dzc is not None
+    write_dz = dzc is not None
+    has_res, relu_bits = residual is not None and bits is None, bits is not None
+    r_arg = bits if relu_bits else residual if has_res else xc
     dw = torch.empty_like(weight) if need_w and weight is not None else None
     db = torch.empty_like(bias) if need_b and bias is not None else None
     constants = (mean, var, weight if weight is not None else mean, bias if bias is not None else mean)
-    flags = (act, has_res, weight is not None, bias is not None)
+    flags = dict(ACT=CODES[act], HAS_RES=has_res, HAS_W=weight is not None, HAS_B=bias is not None)
     sums = None
     if training or dw is not None or db is not None:
         split = plan.split
         part = torch.empty((2 * split["tiles"] * plan.channels,), dtype=torch.float32, device=xc.device)
         sums = torch.empty((2, plan.channels), dtype=torch.float32, device=xc.device)
         write_dx = not training and dxc is not None
-        key = ("grad_sums", *flags, write_dz, write_dx, dw is not None, db is not None)
+        key = ("grad_sums", act, has_res, relu_bits, weight is not None, bias is not None, write_dz, write_dx,
+               dw is not None, db is not None)
         options = plan.options.get(key)
         if options is None:
             options = plan.options[key] = dict(
-                ACT=CODES[act], HAS_RES=has_res, HAS_W=weight is not None, HAS_B=bias is not None, WRITE_DZ=write_dz,
-                WRITE_DX=write_dx, HAS_DW=dw is not None, HAS_DB=db is not None, **split["blocks"],
-                num_warps=tiling.REDUCE_WARPS)
-        args = (dyc, xc, residual if has_res else xc, dzc if write_dz else xc, dxc if write_dx else xc,
+                **flags, RELU_BITS=relu_bits, WRITE_DZ=write_dz, WRITE_DX=write_dx, HAS_DW=dw is not None,
+                HAS_DB=db is not None, **split["blocks"], num_warps=tiling.REDUCE_WARPS)
+        args = (dyc, xc, r_arg, dzc if write_dz else xc, dxc if write_dx else xc,
                 *constants, part, locks(plan.device, split["locks"], plan.cuda), sums,
                 dw if dw is not None else mean, db if db is not None else mean, *plan.split_args, eps)
         launch(plan.kernels["grad_sums"], split["grid"], args, options)
@@ -194,14 +203,15 @@ def backward(plan: Plan, dyc, xc, weight, bias, mean, var, eps, residual, act, t
         dxc = torch.empty_like(xc)
     if dxc is not None:
         dz_given = write_dz and sums is not None
-        key = ("grad_input", *flags, dz_given, write_dz and sums is None, training)
+        key = ("grad_input", act, has_res, relu_bits, weight is not None, bias is not None, dz_given,
+               write_dz and sums is None, training)
         options = plan.options.get(key)
         if options is None:
             options = plan.options[key] = dict(
-                ACT=CODES[act], HAS_RES=has_res, HAS_W=weight is not None, HAS_B=bias is not None,
-                DZ_GIVEN=dz_given, WRITE_DZ=write_dz and sums is None, TRAINING=training, ROWS=plan.kind == "rows",
-                BLOCK=tiling.POINTWISE_BLOCK, num_warps=tiling.POINTWISE_WARPS)
-        args = (dyc, xc, residual if has_res else xc, dzc if write_dz else xc, dxc, *constants,
+                **flags, DZ_GIVEN=dz_given, WRITE_DZ=write_dz and sums is None, TRAINING=training,
+                RELU_BITS=relu_bits, ROWS=plan.kind == "rows", BLOCK=tiling.POINTWISE_BLOCK,
+                num_warps=tiling.POINTWISE_WARPS)
+        args = (dyc, xc, r_arg, dzc if write_dz else xc, dxc, *constants,
                 sums if sums is not None else mean, plan.numel, plan.channels, plan.size, eps, 1.0 / plan.count)
         launch(plan.kernels["grad_input"], plan.grid, args, options)
     return dw, db

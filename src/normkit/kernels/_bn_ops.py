@@ -33,16 +33,19 @@ def _code(act: str | None) -> int:
 @torch.library.custom_op("normkit::bn_train", mutates_args=("running_mean", "running_var", "counter"))
 def _bn_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
               running_mean: Tensor | None, running_var: Tensor | None, counter: Tensor | None, momentum: float,
-              eps: float, bessel: float, skip_nonfinite: bool, channel: int, act: int) -> tuple[Tensor, Tensor]:
-    return impl.train_forward(x, weight, bias, residual, running_mean, running_var, counter, momentum, eps, bessel,
-                              skip_nonfinite, channel, _act(act))
+              eps: float, bessel: float, skip_nonfinite: bool, channel: int, act: int,
+              want_bits: bool) -> tuple[Tensor, Tensor, Tensor]:
+    y, stats, bits = impl.train_forward(x, weight, bias, residual, running_mean, running_var, counter, momentum, eps,
+                                        bessel, skip_nonfinite, channel, _act(act), want_bits)
+    return y, stats, bits if bits is not None else x.new_empty(0, dtype=torch.uint8)
 
 
 @_bn_train.register_fake
 def _(x, weight, bias, residual, running_mean, running_var, counter, momentum, eps, bessel, skip_nonfinite, channel,
-      act):
+      act, want_bits):
     stats = x.new_empty((2, x.shape[channel]), dtype=torch.float32)
-    return torch.empty_like(x, memory_format=output_format(x)), stats
+    bits = x.new_empty(((x.numel() + 7) // 8 if want_bits else 0,), dtype=torch.uint8)
+    return torch.empty_like(x, memory_format=output_format(x)), stats, bits
 
 
 @torch.library.custom_op("normkit::bn_eval", mutates_args=())
@@ -59,14 +62,14 @@ def _(x, running_mean, running_var, weight, bias, residual, eps, channel, act):
 @torch.library.custom_op("normkit::bn_backward", mutates_args=())
 def _bn_backward(grad_output: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
                  residual: Tensor | None, mean: Tensor, var: Tensor, eps: float, channel: int, act: int,
-                 training: bool, need: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 training: bool, need: list[bool], bits: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     results = impl.backward(grad_output, x, weight, bias, residual, mean, var, eps, channel, _act(act), training,
-                            tuple(need))
+                            tuple(need), bits)
     return tuple(t if t is not None else x.new_empty(0) for t in results)  # an op returns tensors, never None
 
 
 @_bn_backward.register_fake
-def _(grad_output, x, weight, bias, residual, mean, var, eps, channel, act, training, need):
+def _(grad_output, x, weight, bias, residual, mean, var, eps, channel, act, training, need, bits):
     like_x = torch.empty_like(x, memory_format=output_format(x))
     none = x.new_empty(0)
     return (like_x if need[0] else none, torch.empty_like(weight) if need[1] and weight is not None else none,
@@ -80,13 +83,14 @@ def _eager(x: Tensor) -> bool:
 
 
 def train(x, weight, bias, residual, running_mean, running_var, counter, momentum, eps, bessel, skip_nonfinite,
-          channel, act):
-    """``(y, stats)`` of a training forward (see :func:`normkit.kernels._batch_norm.train_forward`)."""
+          channel, act, want_bits):
+    """``(y, stats, bits)`` of a training forward (see :func:`normkit.kernels._batch_norm.train_forward`)."""
     if _eager(x):
         return impl.train_forward(x, weight, bias, residual, running_mean, running_var, counter, momentum, eps,
-                                  bessel, skip_nonfinite, channel, act)
-    return torch.ops.normkit.bn_train(x, weight, bias, residual, running_mean, running_var, counter, momentum, eps,
-                                      bessel, skip_nonfinite, channel, _code(act))
+                                  bessel, skip_nonfinite, channel, act, want_bits)
+    y, stats, bits = torch.ops.normkit.bn_train(x, weight, bias, residual, running_mean, running_var, counter,
+                                                momentum, eps, bessel, skip_nonfinite, channel, _code(act), want_bits)
+    return y, stats, bits if want_bits else None
 
 
 def evaluate(x, running_mean, running_var, weight, bias, residual, eps, channel, act):
@@ -96,11 +100,12 @@ def evaluate(x, running_mean, running_var, weight, bias, residual, eps, channel,
     return torch.ops.normkit.bn_eval(x, running_mean, running_var, weight, bias, residual, eps, channel, _code(act))
 
 
-def backward(grad_output, x, weight, bias, residual, mean, var, eps, channel, act, training, need):
+def backward(grad_output, x, weight, bias, residual, mean, var, eps, channel, act, training, need, bits=None):
     """``(dx, dweight, dbias, dresidual)``, ``None`` where ``need`` does not ask."""
     if _eager(x) and type(grad_output) is torch.Tensor:
-        return impl.backward(grad_output, x, weight, bias, residual, mean, var, eps, channel, act, training, need)
+        return impl.backward(grad_output, x, weight, bias, residual, mean, var, eps, channel, act, training, need,
+                             bits)
     results = torch.ops.normkit.bn_backward(grad_output, x, weight, bias, residual, mean, var, eps, channel,
-                                            _code(act), training, list(need))
+                                            _code(act), training, list(need), bits)
     wanted = (need[0], need[1] and weight is not None, need[2] and bias is not None, need[3])
     return tuple(t if want else None for t, want in zip(results, wanted, strict=True))

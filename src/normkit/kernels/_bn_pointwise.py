@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._activation import activate, activation_grad
-from ._bn_reduce import _channel_constants
+from ._bn_reduce import _channel_constants, relu_bit
 
 
 @triton.jit
@@ -29,11 +29,13 @@ def _flat(numel, C, S, ROWS: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def normalize(x_ptr, r_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, numel, C, S, eps,
+def normalize(x_ptr, r_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, bits_ptr, numel, C, S, eps,
               ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-              ROWS: tl.constexpr, BLOCK: tl.constexpr):
+              WRITE_BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """``y = act((x - mean) * rsqrt(var + eps) * w + b (+ residual))``, float32 math, stored in ``y``'s dtype;
-    ``mean``/``var`` are the batch statistics (float32) or the running ones (any float dtype)."""
+    ``mean``/``var`` are the batch statistics (float32) or the running ones (any float dtype). ``WRITE_BITS``:
+    also store ``z > 0`` as a bitmask (bit ``i % 8`` of byte ``i // 8``), the ReLU's derivative for the backward,
+    which then need not read the residual again."""
     i, mask, ch = _flat(numel, C, S, ROWS, BLOCK)
     mean, rstd, w, b = _channel_constants(mean_ptr, var_ptr, w_ptr, b_ptr, ch, mask, eps, HAS_W, HAS_B)
     x = tl.load(x_ptr + i, mask=mask, other=0.0).to(tl.float32)
@@ -41,27 +43,34 @@ def normalize(x_ptr, r_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, numel, C, S,
     if HAS_RES:
         z += tl.load(r_ptr + i, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + i, activate(z, ACT).to(y_ptr.dtype.element_ty), mask=mask)
+    if WRITE_BITS:
+        bits = tl.reshape((z > 0).to(tl.int32), (BLOCK // 8, 8)) << tl.arange(0, 8)[None, :]
+        byte = tl.program_id(0) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+        tl.store(bits_ptr + byte, tl.sum(bits, axis=1).to(tl.uint8), mask=byte * 8 < numel)
+
 
 
 @triton.jit
 def grad_input(dy_ptr, x_ptr, r_ptr, dz_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, sums_ptr, numel, C, S, eps,
                inv_count, ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-               DZ_GIVEN: tl.constexpr, WRITE_DZ: tl.constexpr, TRAINING: tl.constexpr, ROWS: tl.constexpr,
-               BLOCK: tl.constexpr):
+               DZ_GIVEN: tl.constexpr, WRITE_DZ: tl.constexpr, TRAINING: tl.constexpr, RELU_BITS: tl.constexpr,
+               ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """``dx = w * rstd * (dz - mean(dz) - x_hat * mean(dz * x_hat))`` in training, ``w * rstd * dz`` with running
     statistics (then ``x`` is read only to recompute an activation's derivative); ``dz`` is read (``DZ_GIVEN``) or
-    recomputed from ``dy`` and the activation (and then stored when ``WRITE_DZ``); ``sums`` holds ``sum(dz)`` then
-    ``sum(dz * x_hat)`` per channel."""
+    recomputed from ``dy`` and the activation, or the ReLU bitmask at ``r_ptr`` (``RELU_BITS``), and then stored
+    when ``WRITE_DZ``; ``sums`` holds ``sum(dz)`` then ``sum(dz * x_hat)`` per channel."""
     i, mask, ch = _flat(numel, C, S, ROWS, BLOCK)
     mean, rstd, w, b = _channel_constants(mean_ptr, var_ptr, w_ptr, b_ptr, ch, mask, eps, HAS_W, HAS_B)
     x_hat = 0.0
-    if TRAINING or (ACT != 0 and not DZ_GIVEN):  # evaluation without an activation never reads x
+    if TRAINING or (ACT != 0 and not DZ_GIVEN and not RELU_BITS):  # evaluation without an activation: no x
         x_hat = (tl.load(x_ptr + i, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
     if DZ_GIVEN:
         dz = tl.load(dz_ptr + i, mask=mask, other=0.0).to(tl.float32)
     else:
         dz = tl.load(dy_ptr + i, mask=mask, other=0.0).to(tl.float32)
-        if ACT != 0:
+        if RELU_BITS:
+            dz = tl.where(relu_bit(r_ptr, i, mask) != 0, dz, 0.0)
+        elif ACT != 0:
             z = x_hat * w + b
             if HAS_RES:
                 z += tl.load(r_ptr + i, mask=mask, other=0.0).to(tl.float32)

@@ -221,10 +221,20 @@ def _channel_constants(mean_ptr, var_ptr, w_ptr, b_ptr, c, c_in, eps, HAS_W: tl.
 
 
 @triton.jit
-def _grad_element(dy, x, r, mean, rstd, w, b, ACT: tl.constexpr, HAS_RES: tl.constexpr):
-    """``(dz, x_hat)``: the gradient at the pre-activation (recomputed from the statistics) and ``x_hat``."""
+def relu_bit(bits_ptr, i, mask):
+    """Bit ``i`` of the ReLU bitmask the normalize pass wrote (``_bn_pointwise.normalize``): ``z > 0`` at value
+    ``i``, as 0 or 1."""
+    return (tl.load(bits_ptr + (i >> 3), mask=mask, other=0).to(tl.int32) >> (i & 7)) & 1
+
+
+@triton.jit
+def _grad_element(dy, x, r, mean, rstd, w, b, ACT: tl.constexpr, HAS_RES: tl.constexpr, RELU_BITS: tl.constexpr):
+    """``(dz, x_hat)``: the gradient at the pre-activation (recomputed from the statistics, or from the ReLU's bit
+    ``r`` with ``RELU_BITS``) and ``x_hat``."""
     x_hat = (x - mean) * rstd
-    if ACT != 0:
+    if RELU_BITS:
+        dy = tl.where(r != 0, dy, 0.0)
+    elif ACT != 0:
         z = x_hat * w + b
         if HAS_RES:
             z += r
@@ -257,11 +267,12 @@ def _finish_grad_sums(part_ptr, c, c_in, tiles, C, dw_ptr, db_ptr, sums_ptr, HAS
 @triton.jit
 def grad_sums_planes(dy_ptr, x_ptr, r_ptr, dz_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, part_ptr, lock_ptr,
                      sums_ptr, dw_ptr, db_ptr, P, C, S, per_tile, span, tiles_s, tiles, eps,
-                     ACT: tl.constexpr, HAS_RES: tl.constexpr, WRITE_DZ: tl.constexpr, WRITE_DX: tl.constexpr,
-                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
-                     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr):
+                     ACT: tl.constexpr, HAS_RES: tl.constexpr, RELU_BITS: tl.constexpr, WRITE_DZ: tl.constexpr,
+                     WRITE_DX: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DW: tl.constexpr,
+                     HAS_DB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr):
     """Partial ``sum(dz)`` and ``sum(dz * x_hat)`` of channel ``program_id(0)`` over tile ``program_id(1)``; with
-    ``WRITE_DZ`` also stores ``dz`` (the residual's gradient), with ``WRITE_DX`` the input gradient of evaluation
+    ``WRITE_DZ`` also stores ``dz`` (the residual's gradient; with ``RELU_BITS`` from the forward's ReLU bitmask at
+    ``r_ptr`` instead of the residual), with ``WRITE_DX`` the input gradient of evaluation
     mode (``dz * w * rstd``: one pass for the whole backward). The last program of the channel finishes."""
     c = tl.program_id(0)
     t = tl.program_id(1)
@@ -281,9 +292,11 @@ def grad_sums_planes(dy_ptr, x_ptr, r_ptr, dz_ptr, dx_ptr, mean_ptr, var_ptr, w_
             dy = tl.load(dy_ptr + i, mask=mask, other=0.0).to(tl.float32)
             x = tl.load(x_ptr + i, mask=mask, other=0.0).to(tl.float32)
             r = 0.0
-            if HAS_RES:
+            if RELU_BITS:
+                r = relu_bit(r_ptr, i, mask)
+            elif HAS_RES:
                 r = tl.load(r_ptr + i, mask=mask, other=0.0).to(tl.float32)
-            dz, x_hat = _grad_element(dy, x, r, mean, rstd, w, b, ACT, HAS_RES)
+            dz, x_hat = _grad_element(dy, x, r, mean, rstd, w, b, ACT, HAS_RES, RELU_BITS)
             if WRITE_DZ:
                 tl.store(dz_ptr + i, dz.to(dz_ptr.dtype.element_ty), mask=mask)
             if WRITE_DX:
@@ -301,9 +314,9 @@ def grad_sums_planes(dy_ptr, x_ptr, r_ptr, dz_ptr, dx_ptr, mean_ptr, var_ptr, w_
 @triton.jit
 def grad_sums_rows(dy_ptr, x_ptr, r_ptr, dz_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, part_ptr, lock_ptr,
                    sums_ptr, dw_ptr, db_ptr, M, C, per_tile, tiles, eps,
-                   ACT: tl.constexpr, HAS_RES: tl.constexpr, WRITE_DZ: tl.constexpr, WRITE_DX: tl.constexpr,
-                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+                   ACT: tl.constexpr, HAS_RES: tl.constexpr, RELU_BITS: tl.constexpr, WRITE_DZ: tl.constexpr,
+                   WRITE_DX: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DW: tl.constexpr,
+                   HAS_DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
     """Partial ``sum(dz)`` and ``sum(dz * x_hat)`` of channel block ``program_id(0)`` over row tile
     ``program_id(1)`` (options as :func:`grad_sums_planes`); the last program of the block finishes."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -326,9 +339,11 @@ def grad_sums_rows(dy_ptr, x_ptr, r_ptr, dz_ptr, dx_ptr, mean_ptr, var_ptr, w_pt
         dy = tl.load(dy_ptr + i, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + i, mask=mask, other=0.0).to(tl.float32)
         r = 0.0
-        if HAS_RES:
+        if RELU_BITS:
+            r = relu_bit(r_ptr, i, mask)
+        elif HAS_RES:
             r = tl.load(r_ptr + i, mask=mask, other=0.0).to(tl.float32)
-        dz, x_hat = _grad_element(dy, x, r, mean, rstd, w, b, ACT, HAS_RES)
+        dz, x_hat = _grad_element(dy, x, r, mean, rstd, w, b, ACT, HAS_RES, RELU_BITS)
         if WRITE_DZ:
             tl.store(dz_ptr + i, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         if WRITE_DX:
