@@ -32,7 +32,10 @@ def locks(device: torch.device, size: int, cuda: bool) -> torch.Tensor:
 
     One buffer per device and CUDA stream, allocated (zeroed: one launch) on first use and when a call needs more;
     two calls on one stream run one after the other, so they can share it, and a CUDA graph that captured a call
-    replays it with the same, again zeroed, buffer."""
+    replays it with the same, again zeroed, buffer. While a CUDA graph is being captured the counters are a fresh
+    zeroed buffer of the graph's own memory (its zeroing is recorded too), never one that outlives the graph."""
+    if cuda and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(size, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if cuda else 0
     key = (device, stream)
     buffer = _LOCKS.get(key)
