@@ -180,3 +180,29 @@ def test_cuda_plan_is_empty_until_a_gpu_run_measures_and_never_applies_off_cuda(
     monkeypatch.delenv("NORMKIT_BACKEND", raising=False)
     assert not _dispatch.planned("batch_norm_train", x)  # a CPU tensor
     assert _dispatch.backend_for(x, op="batch_norm_train") == "cpu"
+
+
+DIGEST = """
+import hashlib, os, torch, normkit
+os.environ["NORMKIT_BACKEND"] = "triton"
+torch.manual_seed(0)
+layer = normkit.nn.BatchNormAct2d(6, act="relu").to("{device}")
+x = torch.randn(4, 6, 5, 7, device="{device}", requires_grad=True)
+residual = torch.randn_like(x)
+y = layer(x, residual)
+y.backward(torch.randn_like(y))
+parts = (y, x.grad, layer.weight.grad, layer.bias.grad, layer.running_mean, layer.running_var)
+print(hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in parts)).hexdigest())
+"""
+
+
+def test_two_processes_get_the_same_bits():
+    """No launch choice depends on timing and every reduction merges in a fixed order: a training step gives the
+    same bits in a fresh process (output, gradients, running statistics)."""
+    import subprocess
+    import sys
+
+    code = DIGEST.format(device=DEVICE)
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env=os.environ.copy(), timeout=300).stdout.strip() for _ in range(2)}
+    assert len(digests) == 1 and len(next(iter(digests))) == 64, digests
