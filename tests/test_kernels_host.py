@@ -91,7 +91,7 @@ def test_add_relu_backward_reads_the_bitmask_not_the_residual(bench_host, triton
 
 
 def test_bench_host_prints_its_line(bench_host, capsys):
-    assert bench_host.main(["--rounds", "3", "--shape", "2", "3", "4", "4"]) == 0
+    assert bench_host.main(["--rounds", "3", "--shape", "2", "3", "4", "4", "--device", DEVICE]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"host: launches 4, normkit/torch host time \d+\.\d\dx", last), last
 
