@@ -119,7 +119,7 @@ gpu-wheels: | $(BIN)/python
 # The floor venv of the matrix (torch 2.11 from PyPI brings Triton 3.6.0) runs every kernel test under Triton's
 # interpreter, including the offline sm_90 compile of every launched variant with Triton 3.6's own compiler. Triton
 # 3.6's interpreter converts 1-element arrays to Python ints, which numpy 2.4 refuses and numpy 2.3 only warns about:
-# this venv pins numpy below 2.4 and silences that one warning (the GPU path does not use numpy). About 1.5 min.
+# this venv pins numpy below 2.4 and silences that one warning (the GPU path does not use numpy). About 2 min.
 KERNEL_TESTS ?= tests/test_kernels_batch_norm.py tests/test_kernels_host.py tests/test_kernels_rownorm.py \
 	tests/test_kernels_tuning.py tests/test_kernels_compile_for_gpu.py
 .PHONY: test-kernels-compat
