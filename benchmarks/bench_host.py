@@ -108,26 +108,28 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_host: on CPU the Triton path needs TRITON_INTERPRET=1 (set before triton is imported): "
               f"{COMMAND}", file=sys.stderr)
         return 2
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    shape, channels = tuple(args.shape), args.shape[1]
-    layer = normkit.BatchNorm2d(channels).to(args.device)
-    torch_layer = torch.nn.BatchNorm2d(channels)
-    x = torch.randn(shape, device=args.device).requires_grad_()
-    grad = torch.randn(shape, device=args.device)
-    previous = os.environ.get("NORMKIT_BACKEND")
+    threads, backend = torch.get_num_threads(), os.environ.get("NORMKIT_BACKEND")
+    torch.set_num_threads(1)  # both left as they were found (the test suite calls main)
     os.environ["NORMKIT_BACKEND"] = "triton"
     try:
+        torch.manual_seed(0)
+        shape, channels = tuple(args.shape), args.shape[1]
+        layer = normkit.BatchNorm2d(channels).to(args.device)
+        torch_layer = torch.nn.BatchNorm2d(channels)
+        x = torch.randn(shape, device=args.device).requires_grad_()
+        grad = torch.randn(shape, device=args.device)
         _step(layer, x, grad)  # compile (or interpret) once before counting
         kernels, aten = count_launches(layer, x, grad)
         result = host_ratio(layer, torch_layer, x, grad, args.rounds)
+        where = machine()
     finally:
-        if previous is None:
+        torch.set_num_threads(threads)
+        if backend is None:
             del os.environ["NORMKIT_BACKEND"]
         else:
-            os.environ["NORMKIT_BACKEND"] = previous
+            os.environ["NORMKIT_BACKEND"] = backend
     ratio = result.ratio("normkit", "torch")
-    print(f"# bench_host: {today()}, {machine()}, device {args.device}, shape {shape}, `{COMMAND}`")
+    print(f"# bench_host: {today()}, {where}, device {args.device}, shape {shape}, `{COMMAND}`")
     print(f"triton launches: {len(kernels)} ({', '.join(kernels)})")
     print(f"aten launches: {len(aten)} ({', '.join(aten) or 'none'})")
     print(f"host time per training step: normkit {result.median('normkit') * 1e3:.0f} us (launches as no-ops), "

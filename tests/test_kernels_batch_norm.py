@@ -160,7 +160,8 @@ def test_grids_fit_cuda_limits_up_to_the_32_bit_refusal():
     for planes, channels, size in [(1, 1, biggest), (biggest // 7, 1, 7), (2, 3, 2**28), (2**20, 2048, 1)]:
         split = _bn_tiling.plane_split(planes, channels, size, 132 * 8)
         assert _bn_tiling.within_grid_limits(split["grid"]), split["grid"]
-        assert split["tiles"] * max(split["args"]["per_tile"], 1) >= 1
+        args = split["args"]  # the tiles cover every plane and every value of a plane
+        assert split["tiles"] // args["tiles_s"] * args["per_tile"] >= planes and args["tiles_s"] * args["span"] >= size
     for rows, channels in [(biggest // 3, 3), (2**20, 2048), (1, 2**30)]:
         assert _bn_tiling.within_grid_limits(_bn_tiling.row_split(rows, channels, 132 * 8)["grid"])
     assert _bn_tiling.within_grid_limits(_bn_tiling.pointwise_grid(biggest))

@@ -110,15 +110,9 @@ def _needs_graph(x, weight, bias, residual) -> bool:
                                         or (residual is not None and residual.requires_grad))
 
 
-def _plain_eager(x: torch.Tensor) -> bool:
-    """A plain tensor, eagerly, outside functorch transforms: ``Function.apply``'s Python bookkeeping (for those
-    transforms) can be skipped, about 9 us a call."""
-    return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active())
-
-
 def _c_apply(function, *args):
-    """The C++ ``apply`` under ``function.apply`` (only where :func:`_plain_eager`)."""
+    """The C++ ``apply`` under ``function.apply``, skipping its Python bookkeeping for functorch transforms (about
+    9 us a call; only where ``_bn_ops.plain_eager``)."""
     return super(torch.autograd.Function, function).apply(*args)
 
 
@@ -199,15 +193,13 @@ def batch_norm_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
         _require_supported(x, activation, residual)
     channel = channel_dim % x.dim()
     count = x.numel() // x.shape[channel]
-    bessel = count / (count - 1) if running_var_mode == "unbiased" and count > 1 else 1.0
-    if running_var_mode == "unbiased" and count == 1 and running_var is not None:
-        bessel = float("nan")  # torch's unbiased variance of one value
+    bessel = 1.0 if running_var_mode == "biased" else count / (count - 1) if count > 1 else float("nan")
     config = (float(momentum), float(eps), bessel, nonfinite == "skip", channel, activation)
     if not _needs_graph(x, weight, bias, residual):
         y, stats, _ = _ops.train(x, weight, bias, residual, running_mean, running_var, num_batches_tracked, *config,
                                  False)
         return y, stats[0], stats[1]
-    if _plain_eager(x):
+    if _ops.plain_eager(x):
         return _c_apply(_TrainFunction, x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
                         config)
     return _TrainFunction.apply(x, weight, bias, residual, running_mean, running_var, num_batches_tracked, config)
@@ -238,6 +230,6 @@ def batch_norm_eval(x: torch.Tensor, running_mean: torch.Tensor, running_var: to
     if not _needs_graph(x, weight, bias, residual):
         return _ops.evaluate(x, running_mean, running_var, weight, bias, residual, float(eps), channel, activation)
     config = (float(eps), channel, activation)
-    if _plain_eager(x):
+    if _ops.plain_eager(x):
         return _c_apply(_EvalFunction, x, running_mean, running_var, weight, bias, residual, config)
     return _EvalFunction.apply(x, running_mean, running_var, weight, bias, residual, config)

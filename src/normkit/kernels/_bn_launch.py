@@ -61,15 +61,15 @@ class Plan:
     """What every call on one input geometry shares, computed once: the canonical layout, how to view a tensor of
     that geometry in it, the reduction split and the pointwise grid (cached by shape, strides, channel, device)."""
 
-    __slots__ = ("layout", "kind", "channel", "canonical", "moved", "dense", "strides", "channels", "size",
+    __slots__ = ("layout", "kind", "channel", "canonical", "dense", "strides", "channels", "size",
                  "numel", "count", "split", "split_args", "grid", "options", "memory_format", "kernels", "device",
                  "cuda")
 
     def __init__(self, x: torch.Tensor, channel: int):
         self.layout = layout_of(x, channel)
         self.kind, self.channel, self.strides = self.layout.kind, channel, x.stride()
-        self.moved = self.kind == "rows" and not self.layout.channels_last
-        self.dense = (x.movedim(channel, -1) if self.moved else x).is_contiguous()  # its canonical view is a view
+        moved = self.kind == "rows" and not self.layout.channels_last
+        self.dense = (x.movedim(channel, -1) if moved else x).is_contiguous()  # memory already in canonical order
         xc = self.layout.view(x)
         self.canonical = tuple(xc.shape)
         self.channels = xc.shape[1]
@@ -99,8 +99,8 @@ class Plan:
         return self.layout.view(t)
 
     def new_like(self, x: torch.Tensor) -> torch.Tensor:
-        """A new tensor in ``x``'s memory format, shaped like it (its canonical view shares its storage when the
-        plan is dense; otherwise a canonical tensor that :meth:`result` turns back)."""
+        """A new tensor for a kernel to write: shaped like ``x`` in its memory format when the plan is dense (its
+        memory is then in canonical order), else a canonical tensor that :meth:`result` turns back."""
         return torch.empty_like(x, memory_format=self.memory_format) if self.dense else torch.empty(
             self.canonical, dtype=x.dtype, device=x.device)
 

@@ -1,10 +1,11 @@
 """The batch-norm kernels as torch operators, so that compilers and tracers see them: ``normkit::bn_train``,
 ``normkit::bn_eval`` and ``normkit::bn_backward`` (``torch.library.custom_op``, each with a fake implementation).
 
-``torch.compile(fullgraph=True)``, ``torch.export``, ``make_fx`` and fake tensors trace these ops through their fake
-implementations (output shapes, dtypes and memory formats, no launch); the compiled graph calls them like any
-extern kernel, and CUDA-graph capture records their launches. Eagerly, on plain tensors, the same bodies are called
-directly: a Python operator's dispatch costs tens of microseconds a call, more than the rest of the host side
+``torch.compile(fullgraph=True)`` and fake tensors trace these ops through their fake implementations (output
+shapes, dtypes and memory formats, no launch), tested on CPU under the interpreter; ``torch.export`` and ``make_fx``
+take the same route (not tested here). The compiled graph calls them like any extern kernel; CUDA-graph capture
+records their launches (not yet run on a GPU, see docs/kernels.md). Eagerly, on plain tensors, the same bodies are
+called directly: a Python operator's dispatch costs tens of microseconds a call, more than the rest of the host side
 (``benchmarks/bench_host.py``). Either way the same code launches the same kernels.
 
 ``bn_train`` mutates the running statistics and the counter (declared). The ticket counters the reductions use are
@@ -77,15 +78,17 @@ def _(grad_output, x, weight, bias, residual, mean, var, eps, channel, act, trai
             torch.empty_like(x, memory_format=output_format(x)) if need[3] else none)
 
 
-def _eager(x: Tensor) -> bool:
-    """A plain tensor outside any compiler or tracer: call the bodies directly."""
-    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and torch._C._get_tracing_state() is None
+def plain_eager(x: Tensor) -> bool:
+    """A plain tensor outside any compiler, tracer or functorch transform: the bodies are called directly (and the
+    autograd functions may skip ``Function.apply``'s Python bookkeeping, which only those transforms need)."""
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and torch._C._get_tracing_state() is None
+            and not torch._C._are_functorch_transforms_active())
 
 
 def train(x, weight, bias, residual, running_mean, running_var, counter, momentum, eps, bessel, skip_nonfinite,
           channel, act, want_bits):
     """``(y, stats, bits)`` of a training forward (see :func:`normkit.kernels._batch_norm.train_forward`)."""
-    if _eager(x):
+    if plain_eager(x):
         return impl.train_forward(x, weight, bias, residual, running_mean, running_var, counter, momentum, eps,
                                   bessel, skip_nonfinite, channel, act, want_bits)
     y, stats, bits = torch.ops.normkit.bn_train(x, weight, bias, residual, running_mean, running_var, counter,
@@ -95,14 +98,14 @@ def train(x, weight, bias, residual, running_mean, running_var, counter, momentu
 
 def evaluate(x, running_mean, running_var, weight, bias, residual, eps, channel, act):
     """The output of an evaluation forward."""
-    if _eager(x):
+    if plain_eager(x):
         return impl.eval_forward(x, running_mean, running_var, weight, bias, residual, eps, channel, act)
     return torch.ops.normkit.bn_eval(x, running_mean, running_var, weight, bias, residual, eps, channel, _code(act))
 
 
 def backward(grad_output, x, weight, bias, residual, mean, var, eps, channel, act, training, need, bits=None):
     """``(dx, dweight, dbias, dresidual)``, ``None`` where ``need`` does not ask."""
-    if _eager(x) and type(grad_output) is torch.Tensor:
+    if plain_eager(x) and type(grad_output) is torch.Tensor:
         return impl.backward(grad_output, x, weight, bias, residual, mean, var, eps, channel, act, training, need,
                              bits)
     results = torch.ops.normkit.bn_backward(grad_output, x, weight, bias, residual, mean, var, eps, channel,
