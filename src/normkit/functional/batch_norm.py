@@ -82,11 +82,9 @@ def batch_norm(
         output = _aten.evaluate(x, running_mean, running_var, weight, bias, eps, training)
     elif not training:
         output = _evaluate(name, x, running_mean, running_var, weight, bias, eps)
-    elif name == "triton" and kernels_move_buffers(x, running_mean, running_var, momentum, nonfinite):
-        # one launch for the statistics, the running update and the counter, one for the output
-        output = kernels.batch_norm_train(x, weight, bias, eps, running_mean=running_mean, running_var=running_var,
-                                          num_batches_tracked=num_batches_tracked, momentum=momentum,
-                                          running_var_mode=running_var_mode, nonfinite=nonfinite, checked=True)[0]
+    elif name == "triton":  # the kernels move the running statistics and the counter themselves where they can
+        output = train_on_kernels(x, weight, bias, running_mean, running_var, momentum, eps, running_var_mode,
+                                  nonfinite, num_batches_tracked)
         return output if channel == 1 else output.view(input.shape)
     elif (name == "cpu" and (running_var_mode == "unbiased" or running_mean is None) and type(momentum) is float
           and not _dispatch.composes_training(x, nonfinite)):
@@ -100,13 +98,26 @@ def batch_norm(
     return output if channel == 1 else output.view(input.shape)
 
 
-def kernels_move_buffers(x, running_mean, running_var, momentum, nonfinite) -> bool:
-    """Whether the Triton statistics kernel updates the running statistics itself: a float momentum, a policy that
-    needs no host read (not ``"raise"``), buffers the kernel can write (float32/16/bf16 on the input's device)."""
-    return (type(momentum) is float and nonfinite != "raise" and x.numel() > 0
-            and (running_mean is None or (running_mean.dtype in kernels.BUFFER_DTYPES
-                                          and running_var.dtype in kernels.BUFFER_DTYPES
-                                          and running_mean.device == x.device == running_var.device)))
+def train_on_kernels(x, weight, bias, running_mean, running_var, momentum, eps, running_var_mode, nonfinite,
+                     num_batches_tracked, activation=None, residual=None) -> torch.Tensor:
+    """A validated, non-empty training call on the Triton kernels (``act(bn(x) + residual)``): the statistics
+    kernel moves the running statistics and ``num_batches_tracked`` itself (two launches forward) when the momentum
+    is a float, the policy needs no host read (not ``"raise"``) and it can write the buffers (float32/16/bf16 on
+    the input's device); otherwise the front moves them after the kernels, as on every other backend."""
+    if type(momentum) is float and nonfinite != "raise" and (running_mean is None or (
+            running_mean.dtype in kernels.BUFFER_DTYPES and running_var.dtype in kernels.BUFFER_DTYPES
+            and running_mean.device == x.device == running_var.device)):
+        return kernels.batch_norm_train(x, weight, bias, eps, activation=activation, residual=residual,
+                                        running_mean=running_mean, running_var=running_var,
+                                        num_batches_tracked=num_batches_tracked, momentum=momentum,
+                                        running_var_mode=running_var_mode, nonfinite=nonfinite, checked=True)[0]
+    output, mean, var = kernels.batch_norm_train(x, weight, bias, eps, activation=activation, residual=residual,
+                                                 checked=True)
+    _stats.update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum,
+                                running_var_mode, nonfinite)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    return output
 
 
 def _native(input: torch.Tensor, channel: int) -> torch.Tensor:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-from ..functional import _checks, _dispatch, _layout, _stats
-from ..functional.batch_norm import batch_norm, kernels_move_buffers
+from ..functional import _checks, _dispatch, _layout
+from ..functional.batch_norm import batch_norm, train_on_kernels
 from . import _scripting
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -73,8 +73,8 @@ class _BatchNormActMixin:
         return self._add_residual_and_act(z, residual)
 
     def _fused(self, input, residual, running_mean, running_var, uses_batch_stats, momentum, counter):
-        """One Triton kernel for ``act(bn(x) + residual)`` forward and backward, behind batch norm's front; the
-        running statistics and ``counter`` move inside the statistics kernel where it can (else here, after it)."""
+        """One Triton kernel for ``act(bn(x) + residual)`` forward and backward, behind batch norm's front (the
+        running statistics and ``counter`` as :func:`normkit.functional.batch_norm.train_on_kernels` moves them)."""
         _, momentum, _ = _checks.validate_batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                                      uses_batch_stats, momentum, self.eps, self.running_var_mode, 1,
                                                      self.nonfinite)
@@ -82,18 +82,8 @@ class _BatchNormActMixin:
         if not uses_batch_stats:
             return kernels.batch_norm_eval(x, running_mean, running_var, self.weight, self.bias, self.eps,
                                            activation=self.act, residual=residual)
-        if kernels_move_buffers(x, running_mean, running_var, momentum, self.nonfinite):
-            return kernels.batch_norm_train(x, self.weight, self.bias, self.eps, activation=self.act,
-                                            residual=residual, running_mean=running_mean, running_var=running_var,
-                                            num_batches_tracked=counter, momentum=momentum,
-                                            running_var_mode=self.running_var_mode, nonfinite=self.nonfinite)[0]
-        output, mean, var = kernels.batch_norm_train(x, self.weight, self.bias, self.eps, activation=self.act,
-                                                     residual=residual)
-        _stats.update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum,
-                                    self.running_var_mode, self.nonfinite)
-        if counter is not None:
-            counter.add_(1)
-        return output
+        return train_on_kernels(x, self.weight, self.bias, running_mean, running_var, momentum, self.eps,
+                                self.running_var_mode, self.nonfinite, counter, self.act, residual)
 
 
 _DOC = r"""Batch normalization, an optional residual and an activation in one layer.
