@@ -155,17 +155,19 @@ def test_no_autotuning_the_launch_is_a_function_of_the_shape():
 
 def test_grids_fit_cuda_limits_up_to_the_32_bit_refusal():
     from normkit.kernels import _bn_tiling
+    from normkit.kernels._tuning import check_grid
 
     biggest = 2**31 - 1
     for planes, channels, size in [(1, 1, biggest), (biggest // 7, 1, 7), (2, 3, 2**28), (2**20, 2048, 1)]:
         split = _bn_tiling.plane_split(planes, channels, size, 132 * 8)
-        assert _bn_tiling.within_grid_limits(split["grid"]), split["grid"]
+        check_grid(split["grid"])
         args = split["args"]  # the tiles cover every plane and every value of a plane
         assert split["tiles"] // args["tiles_s"] * args["per_tile"] >= planes and args["tiles_s"] * args["span"] >= size
     for rows, channels in [(biggest // 3, 3), (2**20, 2048), (1, 2**30)]:
-        assert _bn_tiling.within_grid_limits(_bn_tiling.row_split(rows, channels, 132 * 8)["grid"])
-    assert _bn_tiling.within_grid_limits(_bn_tiling.pointwise_grid(biggest))
-    assert not _bn_tiling.within_grid_limits((1, 65_536))
+        check_grid(_bn_tiling.row_split(rows, channels, 132 * 8)["grid"])
+    check_grid(_bn_tiling.pointwise_grid(biggest))
+    with pytest.raises(ValueError, match="exceeds CUDA's limits"):
+        check_grid((1, 65_536))
     big = torch.zeros(1, 1, device=DEVICE).expand(2, 2**30)  # 2**31 elements, no memory
     assert "2**31" in kernels.supports(big)
     assert kernels.supports(big[:, : 2**30 - 1]) is None

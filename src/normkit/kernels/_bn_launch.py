@@ -23,6 +23,7 @@ from ..functional._layout import layout_of
 from . import _bn_tiling as tiling
 from ._activation import CODES
 from ._options import COMPILE_OPTIONS
+from ._tuning import check_grid
 
 _LOCKS: dict[tuple, torch.Tensor] = {}
 
@@ -81,7 +82,8 @@ class Plan:
             else tiling.row_split(*self.canonical, programs)
         self.split_args = tuple(self.split["args"].values())
         self.device, self.cuda = x.device, x.device.type == "cuda"
-        self.grid = tiling.pointwise_grid(self.numel)
+        self.grid = check_grid(tiling.pointwise_grid(self.numel))
+        check_grid(self.split["grid"])
         self.options: dict[tuple, dict] = {}
         self.memory_format = output_format(x)
         from . import _bn_pointwise, _bn_reduce

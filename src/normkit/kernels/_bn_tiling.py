@@ -34,8 +34,6 @@ PROGRAMS_PER_SM = 8
 # Values per program of a pointwise pass: 16 per thread of 8 warps on a GPU (four 16-byte fp32 vectors).
 POINTWISE_BLOCK = 64 if INTERPRET else 4096
 POINTWISE_WARPS = 1 if INTERPRET else 8
-# CUDA's grid limits: x up to 2**31 - 1 programs, y and z up to 65,535.
-GRID_X_MAX, GRID_YZ_MAX = 2**31 - 1, 65_535
 
 
 def target_programs(device: torch.device) -> int:
@@ -109,7 +107,3 @@ def pointwise_grid(numel: int) -> tuple[int]:
     """The 1D grid of a pointwise pass over ``numel`` values."""
     return (-(-numel // POINTWISE_BLOCK),)
 
-
-def within_grid_limits(grid: tuple[int, ...]) -> bool:
-    """Whether a launch grid fits CUDA's limits (x < 2**31, y and z <= 65,535)."""
-    return grid[0] <= GRID_X_MAX and all(g <= GRID_YZ_MAX for g in grid[1:])
